@@ -1,0 +1,31 @@
+"""Reading datasets: every format resnetlab understands lives in :mod:`resnetlab.data.formats`."""
+
+from resnetlab.data.formats import (
+    ARCHIVES,
+    KINDS,
+    MIRRORS,
+    ArrayDataset,
+    DataSplits,
+    FolderDataset,
+    download,
+    file_md5,
+    load_dataset,
+    parse_spec,
+    read_idx,
+    stratified_split,
+)
+
+__all__ = [
+    "ARCHIVES",
+    "KINDS",
+    "MIRRORS",
+    "ArrayDataset",
+    "DataSplits",
+    "FolderDataset",
+    "download",
+    "file_md5",
+    "load_dataset",
+    "parse_spec",
+    "read_idx",
+    "stratified_split",
+]

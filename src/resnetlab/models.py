@@ -1,0 +1,296 @@
+"""The networks of "Deep Residual Learning for Image Recognition" (He, Zhang, Ren, Sun, 2015).
+
+One block class per block kind (BasicBlock, Bottleneck), one network class (ResNet) and small builders.
+The module tree and state_dict keys are torchvision's (`conv1`, `bn1`, `layer1.0.conv1`, `downsample.0`, `fc`),
+so a torchvision checkpoint loads with strict=True. The paper's options are constructor arguments:
+
+- ``residual=False`` gives the plain network: the same layers with no shortcut addition at all.
+- ``shortcut`` picks how a residual block's shortcut is built (paper Sec. 3.3 / Table 3):
+  "A" identity, subsampled and zero-padded where the shape changes (no parameters);
+  "B" 1x1 projection + BN only where the shape changes; "C" projection + BN on every block.
+- ``stride_in_1x1=True`` puts a bottleneck's stride-2 on its first 1x1 conv, as the paper does ("v1", 3.86 GMACs
+  for 50 layers); the default puts it on the 3x3 as torchvision does ("v1.5", 4.09 GMACs).
+- ``stem="cifar"`` gives the CIFAR networks of Sec. 4.2: a 3x3 conv stem, no max-pool, three stages of 16/32/64 filters.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHORTCUTS = ("A", "B", "C")
+STEMS = ("imagenet", "cifar")
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: the identity, subsampled by `stride` and with zero channels appended; it has no parameters."""
+
+    def __init__(self, extra_channels: int, stride: int):
+        super().__init__()
+        self.extra_channels = extra_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+    def extra_repr(self) -> str:
+        return f"extra_channels={self.extra_channels}, stride={self.stride}"
+
+
+def make_shortcut(in_planes: int, out_planes: int, stride: int, shortcut: str) -> nn.Module | None:
+    """The module added to a block's output, or None for the plain identity (torchvision's `downsample`)."""
+    shape_changes = stride != 1 or in_planes != out_planes
+    if shortcut == "C" or (shortcut == "B" and shape_changes):
+        return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+    if shortcut == "A" and shape_changes:
+        return ZeroPadShortcut(out_planes - in_planes, stride)
+    return None
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34 and the CIFAR nets); y = relu(F(x) + shortcut(x)), or relu(F(x)) when plain."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
+                 shortcut: str = "B", stride_in_1x1: bool = False):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, out_planes)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.residual = residual
+        self.downsample = make_shortcut(in_planes, out_planes, stride, shortcut) if residual else None
+
+    def residual_branch_end(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(add_shortcut(self, out, x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 (reduce) - 3x3 - 1x1 (restore, 4x) convs (ResNet-50/101/152)."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
+                 shortcut: str = "B", stride_in_1x1: bool = False):
+        super().__init__()
+        out_planes = planes * self.expansion
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = conv1x1(in_planes, planes, stride_1x1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride_3x3)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, out_planes)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.residual = residual
+        self.downsample = make_shortcut(in_planes, out_planes, stride, shortcut) if residual else None
+
+    def residual_branch_end(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(add_shortcut(self, out, x))
+
+
+def add_shortcut(block: BasicBlock | Bottleneck, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not block.residual:
+        return branch
+    identity = x if block.downsample is None else block.downsample(x)
+    return branch + identity
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+class ResNet(nn.Module):
+    """A stem, stages of blocks (the first block of each stage after the first halves the resolution), global
+    average pool and a fully connected layer. ImageNet nets: 4 stages of 64/128/256/512 planes after a 7x7/2 conv
+    and a 3x3/2 max-pool. CIFAR nets: 3 stages of 16/32/64 planes after a 3x3 conv, no max-pool."""
+
+    def __init__(self, block: Block, layers: list[int], *, num_classes: int = 1000, in_channels: int = 3,
+                 residual: bool = True, shortcut: str = "B", stride_in_1x1: bool = False,
+                 zero_init_residual: bool = False, stem: str = "imagenet", widths: tuple[int, ...] | None = None):
+        super().__init__()
+        check_choice("shortcut", shortcut, SHORTCUTS)
+        check_choice("stem", stem, STEMS)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("in_channels", in_channels)
+        if zero_init_residual and not residual:
+            raise ValueError("zero_init_residual=True needs residual=True: a plain net with zeroed BNs outputs constants")
+        widths = widths or ((64, 128, 256, 512) if stem == "imagenet" else (16, 32, 64))
+        if len(widths) != len(layers):
+            raise ValueError(f"widths {widths} and layers {layers} must have the same length (one per stage)")
+        self.residual, self.shortcut, self.stride_in_1x1, self.stem = residual, shortcut, stride_in_1x1, stem
+
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_channels, widths[0])
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+
+        in_planes = widths[0]
+        self.stage_names: list[str] = []
+        for index, (planes, blocks) in enumerate(zip(widths, layers)):
+            stage = []
+            for b in range(blocks):
+                stride = 2 if index > 0 and b == 0 else 1
+                stage.append(block(in_planes, planes, stride, residual=residual, shortcut=shortcut,
+                                   stride_in_1x1=stride_in_1x1))
+                in_planes = planes * block.expansion
+            name = f"layer{index + 1}"
+            self.add_module(name, nn.Sequential(*stage))
+            self.stage_names.append(name)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.num_features = in_planes
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.residual_branch_end().weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, name) for name in self.stage_names]
+
+    def forward_features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The output of every stage, e.g. layer1..layer4 = C2..C5 of an ImageNet net; any input size works."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            features[name] = x
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def check_choice(argument: str, value: object, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{argument}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def check_positive_int(argument: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument}={value!r} is not valid; it must be a positive integer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders. ImageNet nets (paper Table 1) default to torchvision's form; CIFAR nets (Sec. 4.2) to option A.
+
+IMAGENET_LAYERS: dict[int, tuple[Block, list[int]]] = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+    152: (Bottleneck, [3, 8, 36, 3]),
+}
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+def imagenet_resnet(depth: int, **kwargs) -> ResNet:
+    if depth not in IMAGENET_LAYERS:
+        raise ValueError(f"depth={depth!r} is not an ImageNet ResNet depth; choose one of {sorted(IMAGENET_LAYERS)}")
+    block, layers = IMAGENET_LAYERS[depth]
+    return ResNet(block, layers, **kwargs)
+
+
+def cifar_resnet(depth: int, *, num_classes: int = 10, shortcut: str = "A", **kwargs) -> ResNet:
+    """A CIFAR network of depth 6n+2 (three stages of n basic blocks, 16/32/64 filters)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth={depth!r} is not valid for a CIFAR ResNet; it must be 6n+2 with n >= 1 "
+                         f"(8, 14, 20, ...; the paper's are {', '.join(map(str, CIFAR_DEPTHS))})")
+    n = (depth - 2) // 6
+    return ResNet(BasicBlock, [n, n, n], num_classes=num_classes, shortcut=shortcut, stem="cifar", **kwargs)
+
+
+def cifar_plain(depth: int, **kwargs) -> ResNet:
+    return cifar_resnet(depth, residual=False, **kwargs)
+
+
+def imagenet_plain(depth: int, **kwargs) -> ResNet:
+    return imagenet_resnet(depth, residual=False, **kwargs)
+
+
+def _named(builder: Callable[..., ResNet], depth: int) -> Callable[..., ResNet]:
+    def build(**kwargs) -> ResNet:
+        return builder(depth, **kwargs)
+
+    build.__doc__ = f"{builder.__name__}({depth}, **kwargs)"
+    return build
+
+
+# name -> (builder taking **kwargs, depth, family). "cifar_resnet"/"cifar_plain" take any depth=6n+2.
+MODELS: dict[str, tuple[Callable[..., ResNet], int, str]] = {}
+for _depth in IMAGENET_LAYERS:
+    MODELS[f"resnet{_depth}"] = (_named(imagenet_resnet, _depth), _depth, "imagenet")
+    MODELS[f"plain{_depth}"] = (_named(imagenet_plain, _depth), _depth, "imagenet")
+for _depth in CIFAR_DEPTHS:
+    MODELS[f"resnet{_depth}"] = (_named(cifar_resnet, _depth), _depth, "cifar")
+    MODELS[f"plain{_depth}"] = (_named(cifar_plain, _depth), _depth, "cifar")
+
+resnet18, resnet34, resnet50, resnet101, resnet152 = (MODELS[f"resnet{d}"][0] for d in IMAGENET_LAYERS)
+resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (MODELS[f"resnet{d}"][0] for d in CIFAR_DEPTHS)
+
+
+def list_models() -> list[str]:
+    """Every named model: ImageNet nets first, then CIFAR nets, residual before plain."""
+    return list(MODELS)
+
+
+def create_model(name: str, **kwargs) -> ResNet:
+    """Build a named model, e.g. create_model("resnet56", shortcut="B"); "cifar_resnet"/"cifar_plain" take depth=."""
+    if name == "cifar_resnet":
+        return cifar_resnet(**kwargs)
+    if name == "cifar_plain":
+        return cifar_plain(**kwargs)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
+                         "or cifar_resnet / cifar_plain with depth=6n+2")
+    try:
+        return MODELS[name][0](**kwargs)
+    except TypeError as error:  # an unknown keyword: say which are valid
+        raise ValueError(f"{name}: {error}; valid arguments: num_classes, in_channels, shortcut, stride_in_1x1, "
+                         "zero_init_residual, widths") from None
+
+
+def model_family(name: str) -> str:
+    """'imagenet' or 'cifar': which input size and stem a named model was made for."""
+    return "cifar" if name.startswith("cifar_") else MODELS[name][2]
