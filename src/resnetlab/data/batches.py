@@ -1,0 +1,102 @@
+"""Training batches as a pure function of (seed, iteration), so that a resumed run sees the batches it would have seen.
+
+The training set is read as an endless stream of per-epoch permutations; iteration i takes positions
+[i*B, (i+1)*B) of it. In a distributed run every process takes its own share of that same global batch (rank r
+takes every world_size-th image starting at r), so the global batch stays the recipe's and a run resumes with any
+number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+
+from resnetlab.data.augment import CenterCrop, ScaleAugment, random_crop_flip
+from resnetlab.data.formats import ArrayDataset, FolderDataset
+
+# Seeds of the permutation and augmentation streams are derived from the run seed with these offsets, so they
+# never coincide with each other or with the seed of the weight initialisation.
+_PERMUTATION_STREAM = 1_000_003
+_AUGMENT_STREAM = 2_000_003
+
+
+class IndexStream:
+    """The image indices of each global batch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < 1:
+            raise ValueError("the training set is empty")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self._cached: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cached:
+            if len(self._cached) > 2:
+                self._cached.pop(min(self._cached))
+            generator = torch.Generator().manual_seed(self.seed * _PERMUTATION_STREAM + epoch)
+            self._cached[epoch] = torch.randperm(self.size, generator=generator)
+        return self._cached[epoch]
+
+    def batch(self, iteration: int) -> torch.Tensor:
+        first = iteration * self.batch_size
+        positions = torch.arange(first, first + self.batch_size)
+        epochs, offsets = positions // self.size, positions % self.size
+        return torch.cat([self.permutation(int(e))[offsets[epochs == e]] for e in epochs.unique()])
+
+
+def padding_for(image_size: int, padding_at_32: int) -> int:
+    """The paper pads 32x32 CIFAR images by 4; smaller images get the same fraction (8x8 digits: 1 pixel)."""
+    return max(1, round(padding_at_32 * image_size / 32)) if padding_at_32 else 0
+
+
+def array_batches(data: ArrayDataset, *, batch_size: int, seed: int, start: int, stop: int, padding: int,
+                  flip: bool, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches of an in-memory dataset, padded, cropped and flipped as whole-batch tensor ops."""
+    stream = IndexStream(len(data), batch_size, seed)
+    for iteration in range(start, stop):
+        index = stream.batch(iteration)[rank::world_size]
+        generator = torch.Generator().manual_seed(seed * _AUGMENT_STREAM + iteration)
+        images = random_crop_flip(data.images[index], padding=padding, flip=flip, generator=generator)
+        yield images, data.labels[index]
+
+
+class _IterationSampler(torch.utils.data.Sampler):
+    def __init__(self, stream: IndexStream, start: int, stop: int, rank: int, world_size: int):
+        self.stream, self.start, self.stop, self.rank, self.world_size = stream, start, stop, rank, world_size
+
+    def __iter__(self):
+        for iteration in range(self.start, self.stop):
+            yield self.stream.batch(iteration)[self.rank::self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: int, stop: int, flip: bool,
+                   workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 224x224 batches of an image folder: scale augmentation decoded with Pillow in DataLoader workers.
+    The batch indices follow (seed, iteration) exactly; the random scales and crops are seeded per worker."""
+    augmented = copy.copy(data)
+    augmented.transform = ScaleAugment(flip=flip, seed=seed)
+    sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
+    loader = torch.utils.data.DataLoader(
+        augmented, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed * _AUGMENT_STREAM + start), timeout=300 if workers else 0)
+    yield from loader
+
+
+def evaluation_batches(data: ArrayDataset | FolderDataset, batch_size: int, workers: int = 0,
+                       limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches in order, without augmentation (folder images: resize 256, center 224 crop)."""
+    count = len(data) if limit is None else min(limit, len(data))
+    if isinstance(data, ArrayDataset):
+        for first in range(0, count, batch_size):
+            yield data.images[first:first + batch_size], data.labels[first:first + batch_size]
+        return
+    centered = copy.copy(data)
+    centered.transform = CenterCrop()
+    subset = torch.utils.data.Subset(centered, range(count))
+    yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+                                           timeout=300 if workers else 0)

@@ -1,0 +1,195 @@
+"""The paper's training recipes as data, and the settings of one run.
+
+A `Recipe` is what the paper specifies (Sec. 3.4 for ImageNet, Sec. 4.2 for CIFAR); a `TrainConfig` is one run:
+a recipe plus the model, the data, where to write, and how to compute (precision, layout, device). Both are plain
+dataclasses, so printing one shows everything a run used, and summary.json stores it whole.
+
+Resolution order, later wins: the preset named by `recipe`, then a TOML file, then command-line flags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+AUGMENTS = ("crop_flip", "scale")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    batch_size: int
+    lr: float
+    iterations: int
+    lr_milestones: tuple[int, ...]  # the lr is multiplied by lr_decay at each of these iterations
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_decay: float = 0.1
+    # ImageNet: "the learning rate is divided by 10 when the error plateaus": after this many evaluations
+    # without a new best validation error (0 = off).
+    plateau_patience: int = 0
+    # CIFAR, 110 layers and deeper: "we use 0.01 to warm up the training until the training error is below 80%".
+    warmup_min_depth: int = 0  # 0 = no warm-up
+    warmup_lr: float = 0.01
+    warmup_until_error: float = 0.8
+    augment: str = "crop_flip"  # crop_flip: pad + random crop + flip on uint8 batches; scale: [256, 480] resize
+    padding: int = 4
+    per_channel_std: bool = False  # the paper subtracts the per-pixel mean only
+
+    def with_iterations(self, iterations: int) -> Recipe:
+        """The same recipe over `iterations`: the lr milestones keep their place relative to the end."""
+        check_positive_int("iterations", iterations)
+        milestones = tuple(max(1, round(m * iterations / self.iterations)) for m in self.lr_milestones)
+        return replace(self, iterations=iterations, lr_milestones=milestones)
+
+
+RECIPES: dict[str, Recipe] = {
+    "cifar": Recipe(name="cifar", batch_size=128, lr=0.1, iterations=64_000, lr_milestones=(32_000, 48_000),
+                    warmup_min_depth=110),
+    "imagenet": Recipe(name="imagenet", batch_size=256, lr=0.1, iterations=600_000, lr_milestones=(),
+                       plateau_patience=3, augment="scale"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    data: str
+    out: str
+    recipe: Recipe = field(default_factory=lambda: RECIPES["cifar"])
+    seed: int = 0
+    val_size: int = 0  # training images held out for validation (the paper's CIFAR split: 5000)
+    shortcut: str | None = None  # None: the model's default (A for CIFAR nets, B for ImageNet nets)
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 0  # 0: checkpoint only at the end
+    eval_batch_size: int = 500
+    train_eval_size: int = 10_000  # the final training error is measured on at most this many training images
+    workers: int = 2  # DataLoader processes for image-folder data
+    download: bool = False
+    sync_bn: bool = False  # distributed runs: batch statistics over all processes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        values = dict(values)
+        recipe = values.pop("recipe")
+        recipe = Recipe(**{**recipe, "lr_milestones": tuple(recipe["lr_milestones"])})
+        return cls(recipe=recipe, **values)
+
+
+RUN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "recipe")
+RECIPE_KEYS = tuple(f.name for f in fields(Recipe) if f.name != "name")
+
+
+def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Build a TrainConfig from a preset, a TOML file and overrides (None values are ignored).
+
+    The TOML file and the overrides take the same keys: any TrainConfig field, any Recipe field, and `recipe`
+    (a preset name; only in TOML). Changing `iterations` rescales the lr milestones unless they are given too.
+    """
+    values: dict = {}
+    if toml_path is not None:
+        values.update(read_toml(toml_path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    preset_name = values.pop("recipe", recipe)
+    if preset_name not in RECIPES:
+        raise ValueError(f"unknown recipe {preset_name!r}; choose one of {', '.join(RECIPES)}")
+    unknown = sorted(set(values) - set(RUN_KEYS) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(RUN_KEYS + RECIPE_KEYS)}")
+    chosen = RECIPES[preset_name]
+    recipe_values = {k: values.pop(k) for k in RECIPE_KEYS if k in values}
+    if "iterations" in recipe_values:
+        chosen = chosen.with_iterations(recipe_values.pop("iterations"))
+    if "lr_milestones" in recipe_values:
+        recipe_values["lr_milestones"] = tuple(recipe_values["lr_milestones"])
+    config = TrainConfig(recipe=replace(chosen, **recipe_values), **values)
+    validate(config)
+    return config
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            content = tomllib.load(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+    # A [recipe] table is allowed too, for readability: its keys are recipe fields.
+    table = content.pop("recipe", None)
+    if isinstance(table, dict):
+        content.update(table)
+    elif table is not None:
+        content["recipe"] = table
+    return content
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject out-of-range settings before any work, naming the setting as its command-line flag."""
+    r = config.recipe
+    for name in ("batch_size", "iterations"):
+        check_positive_int(name, getattr(r, name))
+    for name in ("lr", "warmup_lr"):
+        check_positive_float(name, getattr(r, name))
+    for name in ("momentum", "weight_decay"):
+        value = getattr(r, name)
+        if not is_real(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{flag(name)} must be a finite number >= 0, got {value!r}")
+    if not is_real(r.lr_decay) or not 0 < r.lr_decay <= 1:
+        raise ValueError(f"--lr-decay must be in (0, 1], got {r.lr_decay!r}")
+    if any(not isinstance(m, int) or m < 1 for m in r.lr_milestones) or list(r.lr_milestones) != sorted(r.lr_milestones):
+        raise ValueError(f"--lr-milestones must be increasing positive iterations, got {list(r.lr_milestones)}")
+    if r.augment not in AUGMENTS:
+        raise ValueError(f"--augment {r.augment!r} is not valid; choose one of {', '.join(AUGMENTS)}")
+    for name in ("plateau_patience", "warmup_min_depth", "padding"):
+        check_non_negative_int(name, getattr(r, name))
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"--precision {config.precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    if config.device not in DEVICES:
+        raise ValueError(f"--device {config.device!r} is not valid; choose one of {', '.join(DEVICES)}")
+    for name in ("seed", "val_size", "eval_every", "checkpoint_every", "workers"):
+        check_non_negative_int(name, getattr(config, name))
+    for name in ("log_every", "eval_batch_size", "train_eval_size"):
+        check_positive_int(name, getattr(config, name))
+    if not config.out:
+        raise ValueError("--out is required: the directory the run writes into")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--{flag(name)} must be a positive integer, got {value!r}")
+
+
+def check_non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"--{flag(name)} must be an integer >= 0, got {value!r}")
+
+
+def check_positive_float(name: str, value: object) -> None:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--{flag(name)} must be a finite number > 0, got {value!r}")

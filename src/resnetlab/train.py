@@ -1,0 +1,297 @@
+"""Training: the paper's recipe as one short loop.
+
+    resnetlab train --model resnet20 --data mnist:../shared/data/mnist --recipe cifar --iterations 300 --out runs/x
+
+writes into OUT: metrics.jsonl (a line every log_every iterations), checkpoint.pt (atomically, every
+checkpoint_every iterations and at the end), summary.json and model.safetensors at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from resnetlab import distributed
+from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, load_checkpoint,
+                                  restore_weights, save_checkpoint)
+from resnetlab.data.augment import Normalize
+from resnetlab.data.batches import array_batches, evaluation_batches, folder_batches, padding_for
+from resnetlab.data.formats import ArrayDataset, DataSplits, load_dataset
+from resnetlab.evaluate import class_probabilities, top_k_error
+from resnetlab.models import MODELS, create_model
+from resnetlab.precision import autocast, memory_format, pick_device
+from resnetlab.progress import Progress
+from resnetlab.recipes import Recipe, TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last checkpoint on disk is the last good state."""
+
+
+class LrSchedule:
+    """The learning rate of each iteration: milestones (CIFAR), plateaus (ImageNet), and the warm-up of deep nets."""
+
+    def __init__(self, recipe: Recipe, warm_up: bool):
+        self.recipe = recipe
+        self.warming_up = warm_up
+        self.train_error_ema = 1.0  # smooths the per-batch error the warm-up watches
+        self.plateau_drops, self.best_error, self.evaluations_since_best = 0, math.inf, 0
+
+    def lr(self, iteration: int) -> float:
+        if self.warming_up:
+            return self.recipe.warmup_lr
+        drops = sum(iteration >= m for m in self.recipe.lr_milestones) + self.plateau_drops
+        return self.recipe.lr * self.recipe.lr_decay ** drops
+
+    def observe_batch_error(self, error: float) -> None:
+        self.train_error_ema = 0.9 * self.train_error_ema + 0.1 * error
+        if self.warming_up and self.train_error_ema < self.recipe.warmup_until_error:
+            self.warming_up = False
+
+    def observe_validation_error(self, error: float) -> None:
+        if not self.recipe.plateau_patience:
+            return
+        if error < self.best_error:
+            self.best_error, self.evaluations_since_best = error, 0
+            return
+        self.evaluations_since_best += 1
+        if self.evaluations_since_best >= self.recipe.plateau_patience:
+            self.plateau_drops, self.evaluations_since_best = self.plateau_drops + 1, 0
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("warming_up", "train_error_ema", "plateau_drops", "best_error",
+                                              "evaluations_since_best")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Run:
+    """What the loop works with, built from a TrainConfig by `prepare`."""
+
+    config: TrainConfig
+    data: DataSplits
+    model: torch.nn.Module  # wrapped in DistributedDataParallel in a distributed run
+    network: torch.nn.Module  # the model itself, whose state_dict is saved
+    model_kwargs: dict
+    normalize: Normalize
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    device: torch.device
+    context: distributed.Context
+    start: int = 0
+    elapsed: float = 0.0  # wall seconds of earlier sessions of a resumed run
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train as `config` says; with `resume`, continue from the checkpoint in config.out. Returns the summary."""
+    run = prepare(config, resume)
+    out, recipe, context = Path(config.out), config.recipe, run.context
+    model, device, layout = run.model, run.device, memory_format(config.channels_last)
+    step = torch.compile(model) if config.compile else model
+    bar = Progress(recipe.iterations, config.model, start=run.start, enabled=progress and context.is_main)
+    window = torch.zeros(3, dtype=torch.float64)  # loss sum, error sum, batches since the last log line
+    session_start = window_start = time.perf_counter()
+    images_per_second = 0.0
+    model.train()
+    for iteration, (images, labels) in enumerate(training_batches(run), start=run.start):
+        lr = run.schedule.lr(iteration)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        x = run.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=layout)
+        y = labels.to(device, non_blocking=True)
+        with autocast(device, config.precision):
+            logits = step(x)
+        loss = F.cross_entropy(logits.float(), y)
+        error = (logits.argmax(1) != y).float().mean()
+        loss_and_error = distributed.mean_over_processes(torch.stack([loss.detach(), error]), context).tolist()
+        if not math.isfinite(loss_and_error[0]):
+            raise NonFiniteLossError(f"the training loss became {loss_and_error[0]} at iteration {iteration} "
+                                     f"(lr {lr:g}); stopped. {checkpoint_path(out)} holds the last good state")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.schedule.observe_batch_error(loss_and_error[1])
+        window += torch.tensor([*loss_and_error, 1.0], dtype=torch.float64)
+
+        done = iteration + 1
+        evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
+        log_now = done % config.log_every == 0 or evaluate_now
+        if log_now:
+            now = time.perf_counter()
+            images_per_second = window[2].item() * recipe.batch_size / (now - window_start)
+            record = {"iteration": done, "lr": lr, "train_loss": window[0].item() / window[2].item(),
+                      "train_error": window[1].item() / window[2].item(), "images_per_second": images_per_second}
+            if evaluate_now:
+                record.update(held_out_errors(run))
+                run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
+            if context.is_main:
+                append_jsonl(out / "metrics.jsonl", record)
+            window.zero_()
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            save_state(run, done, run.elapsed + time.perf_counter() - session_start)
+        bar.update(done, loss=f"{loss_and_error[0]:.3f}", err=f"{100 * loss_and_error[1]:.1f}%",
+                   img_s=f"{images_per_second:.0f}")
+    bar.close()
+    summary = finish(run, run.elapsed + time.perf_counter() - session_start)
+    distributed.teardown(context)
+    return summary
+
+
+def prepare(config: TrainConfig, resume: bool) -> Run:
+    out = Path(config.out)
+    state = load_checkpoint(out) if resume else None
+    ensure_writable(out)
+    device = pick_device(config.device)
+    context = distributed.setup(device)
+    device = distributed.local_device(device, context)
+    data = load_dataset(config.data, val_size=config.val_size, seed=config.seed, download=config.download)
+    torch.manual_seed(config.seed)
+    model_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+    if config.shortcut is not None:
+        model_kwargs["shortcut"] = config.shortcut
+    network = create_model(config.model, **model_kwargs)
+    if state is not None:
+        restore_weights(network, state, checkpoint_path(out), model_name=config.model)
+    network = network.to(device, memory_format=memory_format(config.channels_last))
+    model = distributed.wrap(network, context, device, config.sync_bn)
+    recipe = config.recipe
+    optimizer = torch.optim.SGD(network.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    depth = MODELS[config.model][1]
+    schedule = LrSchedule(recipe, warm_up=bool(recipe.warmup_min_depth) and depth >= recipe.warmup_min_depth)
+    run = Run(config, data, model, network, model_kwargs, fit_normalize(data, recipe), optimizer, schedule,
+              device, context)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"]["torch"])
+        run.start, run.elapsed = state["iteration"], state["elapsed_seconds"]
+        if context.is_main:
+            forget_metrics_after(out / "metrics.jsonl", run.start)
+    return run
+
+
+def training_batches(run: Run):
+    config, recipe, data, context = run.config, run.config.recipe, run.data, run.context
+    if recipe.batch_size % context.world_size:
+        raise ValueError(f"--batch-size {recipe.batch_size} must be divisible by the {context.world_size} processes")
+    shared = dict(batch_size=recipe.batch_size, seed=config.seed, start=run.start, stop=recipe.iterations,
+                  flip=data.flip, rank=context.rank, world_size=context.world_size)
+    if isinstance(data.train, ArrayDataset):
+        return array_batches(data.train, padding=padding_for(data.image_size, recipe.padding), **shared)
+    return folder_batches(data.train, workers=config.workers, **shared)
+
+
+def fit_normalize(data: DataSplits, recipe: Recipe) -> Normalize:
+    """The paper's per-pixel mean of the training set (of up to 2,000 center crops for an image folder)."""
+    if isinstance(data.train, ArrayDataset):
+        return Normalize.fit(data.train.images, per_channel_std=recipe.per_channel_std)
+    images = torch.cat([batch for batch, _ in evaluation_batches(data.train, 250, limit=2000)])
+    return Normalize.fit(images, per_channel_std=recipe.per_channel_std)
+
+
+def held_out_errors(run: Run) -> dict:
+    errors = {}
+    for split in ("val", "test"):
+        dataset = getattr(run.data, split)
+        if dataset is not None:
+            scores, labels = class_probabilities(
+                run.network, dataset, run.normalize, device=run.device, batch_size=run.config.eval_batch_size,
+                precision=run.config.precision, memory_format=memory_format(run.config.channels_last),
+                workers=run.config.workers)
+            errors[f"{split}_error"] = top_k_error(scores, labels, 1)
+            errors[f"{split}_top5_error"] = top_k_error(scores, labels, 5)
+    return errors
+
+
+def save_state(run: Run, iteration: int, elapsed: float) -> None:
+    if run.context.is_main:
+        save_checkpoint({
+            "model_name": run.config.model, "model_kwargs": run.model_kwargs, "classes": run.data.classes,
+            "normalize": run.normalize.state_dict(), "model": run.network.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+            "iteration": iteration, "elapsed_seconds": elapsed, "rng": {"torch": torch.get_rng_state()},
+            "config": run.config.to_dict(), "data_note": run.data.note,
+        }, checkpoint_path(run.config.out))
+    distributed.barrier(run.context)
+
+
+def finish(run: Run, wall_seconds: float) -> dict:
+    """Final errors, summary.json and the plain weights."""
+    config = run.config
+    layout = memory_format(config.channels_last)
+    scores, labels = class_probabilities(run.network, run.data.train, run.normalize, device=run.device,
+                                         batch_size=config.eval_batch_size, precision=config.precision,
+                                         memory_format=layout, workers=config.workers, limit=config.train_eval_size)
+    held_out = held_out_errors(run)
+    summary = {
+        "model": config.model, "dataset": config.data, "data_note": run.data.note,
+        "iterations": config.recipe.iterations, "train_top1_error": top_k_error(scores, labels, 1),
+        "test_top1_error": held_out["test_error"], "test_top5_error": held_out["test_top5_error"],
+        **({"val_top1_error": held_out["val_error"]} if "val_error" in held_out else {}),
+        "wall_seconds": wall_seconds,
+        "images_per_second": config.recipe.iterations * config.recipe.batch_size / max(wall_seconds, 1e-9),
+        "device": str(run.device), "processes": run.context.world_size, "torch": torch.__version__,
+        "config": config.to_dict(),
+    }
+    if run.context.is_main:
+        out = Path(config.out)
+        write_json_atomic(out / "summary.json", summary)
+        export_safetensors(run.network, out / "model.safetensors",
+                           metadata={"model": config.model, "model_kwargs": json.dumps(run.model_kwargs)})
+    return summary
+
+
+def ensure_writable(out: Path) -> None:
+    """Fail before any training if the run cannot write its results."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"--out {out} is not writable: {error.strerror or error}") from None
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def forget_metrics_after(path: Path, iteration: int) -> None:
+    """A resumed run repeats the iterations after its checkpoint: drop the lines the interrupted run logged."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if logged_at_most(line, iteration)]
+        path.write_text("".join(kept))
+
+
+def logged_at_most(line: str, iteration: int) -> bool:
+    try:  # a line cut short by the kill is dropped too
+        return line.endswith("\n") and json.loads(line)["iteration"] <= iteration
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
+
+
+def write_json_atomic(path: Path, content: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def resume_config(out: str | Path) -> TrainConfig:
+    """The configuration a run directory was started with, read from its checkpoint."""
+    state = load_checkpoint(out)
+    if "config" not in state:
+        raise CheckpointError(f"{checkpoint_path(out)} has no run configuration to resume from")
+    return TrainConfig.from_dict({**state["config"], "out": str(out)})
