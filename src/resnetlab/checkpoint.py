@@ -56,16 +56,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # torch.load skips the CRC checks: a flipped byte would load silently
+        if damaged is not None:
+            raise zipfile.BadZipFile(f"{damaged} fails its CRC check")
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses any pickled object other than tensors and plain containers.
         raise CheckpointError(f"checkpoint {path} holds objects that are not weights; refusing to unpickle them "
-                              f"({str(error).splitlines()[0]})") from None
+                              f"({first_line(error)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first_line(error)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a resnetlab checkpoint (no format={FORMAT!r} entry)")
     return state
+
+
+def first_line(error: Exception) -> str:
+    return next(iter(str(error).splitlines()), type(error).__name__)  # some errors (EOFError) have no message
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -10,8 +10,12 @@ Resolution order, later wins: the preset named by `recipe`, then a TOML file, th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+from resnetlab.data.formats import SPEC_FORMS, parse_spec
+from resnetlab.models import MODELS, SHORTCUTS
 
 try:
     import tomllib
@@ -106,9 +110,11 @@ def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, *
     if toml_path is not None:
         values.update(read_toml(toml_path))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("out"), os.PathLike):
+        values["out"] = os.fspath(values["out"])  # stored as a string: the config goes into JSON and checkpoints
     preset_name = values.pop("recipe", recipe)
-    if preset_name not in RECIPES:
-        raise ValueError(f"unknown recipe {preset_name!r}; choose one of {', '.join(RECIPES)}")
+    if not isinstance(preset_name, str) or preset_name not in RECIPES:
+        raise ValueError(f"--recipe {preset_name!r} is not a preset; choose one of {', '.join(RECIPES)}")
     unknown = sorted(set(values) - set(RUN_KEYS) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(RUN_KEYS + RECIPE_KEYS)}")
@@ -116,9 +122,10 @@ def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, *
     recipe_values = {k: values.pop(k) for k in RECIPE_KEYS if k in values}
     if "iterations" in recipe_values:
         chosen = chosen.with_iterations(recipe_values.pop("iterations"))
-    if "lr_milestones" in recipe_values:
+    if isinstance(recipe_values.get("lr_milestones"), list):  # TOML arrays are lists; validate checks the rest
         recipe_values["lr_milestones"] = tuple(recipe_values["lr_milestones"])
-    config = TrainConfig(recipe=replace(chosen, **recipe_values), **values)
+    missing = {name: None for name in ("model", "data", "out")}  # validate names the ones still None
+    config = TrainConfig(recipe=replace(chosen, **recipe_values), **{**missing, **values})
     validate(config)
     return config
 
@@ -152,10 +159,14 @@ def validate(config: TrainConfig) -> None:
         value = getattr(r, name)
         if not is_real(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"--{flag(name)} must be a finite number >= 0, got {value!r}")
-    if not is_real(r.lr_decay) or not 0 < r.lr_decay <= 1:
-        raise ValueError(f"--lr-decay must be in (0, 1], got {r.lr_decay!r}")
-    if any(not isinstance(m, int) or m < 1 for m in r.lr_milestones) or list(r.lr_milestones) != sorted(r.lr_milestones):
-        raise ValueError(f"--lr-milestones must be increasing positive iterations, got {list(r.lr_milestones)}")
+    for name in ("lr_decay", "warmup_until_error"):
+        value = getattr(r, name)
+        if not is_real(value) or not 0 < value <= 1:
+            raise ValueError(f"--{flag(name)} must be in (0, 1], got {value!r}")
+    milestones = r.lr_milestones
+    if (not isinstance(milestones, tuple) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                                 for m in milestones) or list(milestones) != sorted(milestones)):
+        raise ValueError(f"--lr-milestones must be increasing positive iterations, got {milestones!r}")
     if r.augment not in AUGMENTS:
         raise ValueError(f"--augment {r.augment!r} is not valid; choose one of {', '.join(AUGMENTS)}")
     for name in ("plateau_patience", "warmup_min_depth", "padding"):
@@ -166,10 +177,23 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--device {config.device!r} is not valid; choose one of {', '.join(DEVICES)}")
     for name in ("seed", "val_size", "eval_every", "checkpoint_every", "workers"):
         check_non_negative_int(name, getattr(config, name))
+    if config.seed >= 2**32:  # the data streams derive torch generator seeds from it, which must fit 64 bits
+        raise ValueError(f"--seed must be below 2**32, got {config.seed}")
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
-    if not config.out:
-        raise ValueError("--out is required: the directory the run writes into")
+    for owner, name in ((config, "channels_last"), (config, "compile"), (config, "download"), (config, "sync_bn"),
+                        (r, "per_channel_std")):
+        if not isinstance(getattr(owner, name), bool):
+            raise ValueError(f"--{flag(name)} must be true or false, got {getattr(owner, name)!r}")
+    if config.shortcut not in (None, *SHORTCUTS):
+        raise ValueError(f"--shortcut {config.shortcut!r} is not valid; choose one of {', '.join(SHORTCUTS)}")
+    if not isinstance(config.out, str) or not config.out:
+        raise ValueError(f"--out is required: the directory the run writes into, as a string (got {config.out!r})")
+    if not isinstance(config.model, str) or config.model not in MODELS:
+        raise ValueError(f"--model {config.model!r} is not a named model; choose one of {', '.join(MODELS)}")
+    if not isinstance(config.data, str):
+        raise ValueError(f"--data is required: a dataset spec, one of {SPEC_FORMS}")
+    parse_spec(config.data)  # names the valid dataset kinds
 
 
 def flag(name: str) -> str:

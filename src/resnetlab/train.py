@@ -28,11 +28,11 @@ from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.models import MODELS, create_model
 from resnetlab.precision import autocast, memory_format, pick_device
 from resnetlab.progress import Progress
-from resnetlab.recipes import Recipe, TrainConfig
+from resnetlab.recipes import Recipe, TrainConfig, validate
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last checkpoint on disk is the last good state."""
+    """The loss or the weights became NaN or inf; the last checkpoint on disk is the last good state."""
 
 
 class LrSchedule:
@@ -115,8 +115,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         error = (logits.argmax(1) != y).float().mean()
         loss_and_error = distributed.mean_over_processes(torch.stack([loss.detach(), error]), context).tolist()
         if not math.isfinite(loss_and_error[0]):
-            raise NonFiniteLossError(f"the training loss became {loss_and_error[0]} at iteration {iteration} "
-                                     f"(lr {lr:g}); stopped. {checkpoint_path(out)} holds the last good state")
+            raise NonFiniteLossError(f"the training loss became {loss_and_error[0]} at iteration {iteration + 1} "
+                                     f"(lr {lr:g}); stopped. {last_good_state(out)}")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -139,6 +139,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             window.zero_()
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            check_finite_weights(run.network, done, out)
             save_state(run, done, run.elapsed + time.perf_counter() - session_start)
         bar.update(done, loss=f"{loss_and_error[0]:.3f}", err=f"{100 * loss_and_error[1]:.1f}%",
                    img_s=f"{images_per_second:.0f}")
@@ -149,6 +150,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
 
 def prepare(config: TrainConfig, resume: bool) -> Run:
+    validate(config)  # a TrainConfig built by hand gets the checks resolve_config makes
     out = Path(config.out)
     state = load_checkpoint(out) if resume else None
     ensure_writable(out)
@@ -177,8 +179,8 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["torch"])
         run.start, run.elapsed = state["iteration"], state["elapsed_seconds"]
-        if context.is_main:
-            forget_metrics_after(out / "metrics.jsonl", run.start)
+    if context.is_main:  # a fresh run into an existing directory starts a new metrics file
+        forget_metrics_after(out / "metrics.jsonl", run.start)
     return run
 
 
@@ -251,6 +253,20 @@ def finish(run: Run, wall_seconds: float) -> dict:
         export_safetensors(run.network, out / "model.safetensors",
                            metadata={"model": config.model, "model_kwargs": json.dumps(run.model_kwargs)})
     return summary
+
+
+def check_finite_weights(network: torch.nn.Module, iteration: int, out: Path) -> None:
+    """A step can overflow the weights before any loss shows it: such a state must never become a checkpoint."""
+    broken = [name for name, tensor in network.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise NonFiniteLossError(f"the weights became NaN or inf at iteration {iteration} ({broken[0]} and "
+                                 f"{len(broken) - 1} more tensors); stopped. {last_good_state(out)}")
+
+
+def last_good_state(out: Path) -> str:
+    path = checkpoint_path(out)
+    return f"{path} holds the last good state" if path.is_file() else "no checkpoint had been written yet"
 
 
 def ensure_writable(out: Path) -> None:

@@ -151,7 +151,7 @@ class FolderDataset(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as img:
                     image = img.convert("RGB")
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
                 warnings.warn(f"{path}: cannot decode ({error}); using the next image instead", RuntimeWarning,
                               stacklevel=2)
                 continue
@@ -175,6 +175,8 @@ def _unreadable_reason(path: Path) -> str | None:
             return None
     except (UnidentifiedImageError, OSError) as error:
         return f"not an image: {error}"
+    except Image.DecompressionBombError as error:  # a header claiming gigapixels: decoding it could exhaust memory
+        return f"too large: {error}"
 
 
 @dataclass
@@ -303,6 +305,10 @@ _PICKLE_ALLOWED = {
 _NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
 
 
+class RefusedPickleError(pickle.UnpicklingError, ValueError):
+    """A pickle that asks for a global outside the numpy allow-list: refused before anything runs."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles dicts/lists/bytes/numpy arrays and refuses any other global (which could run code)."""
 
@@ -312,7 +318,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(
+            raise RefusedPickleError(
                 f"{self.source}: refusing to unpickle {module}.{name}: a CIFAR file holds only numpy arrays, "
                 f"lists and bytes, so this file is not a genuine CIFAR batch (loading it could run code)")
         for old in ("numpy.core", "numpy._core"):  # files from either numpy major version load in the other
@@ -323,7 +329,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as file:
-        content = _NumpyOnlyUnpickler(file, path).load()
+        try:
+            content = _NumpyOnlyUnpickler(file, path).load()
+        except RefusedPickleError:
+            raise
+        except Exception as error:  # noqa: BLE001 - damaged pickles fail in many ways (EOFError, KeyError, ...)
+            raise ValueError(f"{path}: not a readable pickle, so not a CIFAR batch ({type(error).__name__}: "
+                             f"{error})") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a pickled dict, found {type(content).__name__}")
     return content
@@ -331,17 +343,22 @@ def _unpickle(path: Path) -> dict:
 
 def _get(content: dict, key: bytes, path: Path):
     if key not in content:
-        raise ValueError(f"{path}: no {key!r} entry (has {sorted(content)})")
+        raise ValueError(f"{path}: no {key!r} entry (has {', '.join(sorted(map(repr, content)))})")
     return content[key]
 
 
 def _read_cifar_batch(path: Path, layout: _CifarLayout, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     content = _unpickle(path)
-    data = np.asarray(_get(content, b"data", path), dtype=np.uint8)
-    labels = np.asarray(_get(content, layout.label_key, path), dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        raise ValueError(f"{path}: expected data (N, 3072) and {len(data)} labels, found data {data.shape} and "
-                         f"labels {labels.shape}")
+    data, labels = _get(content, b"data", path), _get(content, layout.label_key, path)
+    try:
+        data, labels = np.asarray(data), np.asarray(labels)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"{path}: data and labels must be arrays ({error})") from None
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.dtype.kind not in "iu"
+            or labels.shape != (len(data),)):
+        raise ValueError(f"{path}: expected uint8 data (N, 3072) and N integer labels, found data {data.dtype} "
+                         f"{data.shape} and labels {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64)
     if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
         raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
     # Each row is the 1024 red, then green, then blue values of a 32x32 image, each plane row-major.
@@ -373,8 +390,11 @@ def _load_cifar(kind: str, data_dir: Path, download: bool) -> DataSplits:
         if not (batch_dir / name).is_file():
             raise FileNotFoundError(f"{kind}: missing {batch_dir / name}: {expected}")
 
-    names = _get(_unpickle(batch_dir / layout.meta_file), layout.names_key, batch_dir / layout.meta_file)
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    meta = batch_dir / layout.meta_file
+    names = _get(_unpickle(meta), layout.names_key, meta)
+    if not isinstance(names, list) or not all(isinstance(name, (bytes, str)) for name in names):
+        raise ValueError(f"{meta}: {layout.names_key!r} must be a list of class names, found {names!r:.80}")
+    classes = [name.decode("utf-8", "replace") if isinstance(name, bytes) else name for name in names]
     train = [_read_cifar_batch(batch_dir / name, layout, len(classes)) for name in layout.train_files]
     test_images, test_labels = _read_cifar_batch(batch_dir / layout.test_file, layout, len(classes))
     train_set = _array_dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]))

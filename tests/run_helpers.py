@@ -1,0 +1,191 @@
+"""What the trainer tests share: a tiny run on `digits`, its command line, child processes that can be killed or
+broken on purpose, and reading back what a run wrote.
+
+Run as a script, this file is the `resnetlab` command with test hooks installed first:
+
+    python tests/run_helpers.py [--seconds-per-iteration S] [--stall-checkpoint N MARKER] [--kill-loader-worker] \
+        -- train --model ... --out OUT
+
+The hooks change timing or break things the way real faults do; none of them changes what is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from resnetlab.checkpoint import load_checkpoint
+from resnetlab.recipes import TrainConfig, resolve_config
+
+THIS_FILE = Path(__file__).resolve()
+
+# resnet20 on the 8x8 digits: about 0.5 s of training for 40 iterations on 2 CPU cores.
+TINY_RUN = {"model": "resnet20", "data": "digits", "iterations": 40, "batch_size": 32, "log_every": 1}
+
+
+def tiny_config(out: Path, **overrides) -> TrainConfig:
+    return resolve_config(**{**TINY_RUN, "out": str(out), **overrides})
+
+
+def cli_args(out: Path, **overrides) -> list[str]:
+    """`resnetlab train` arguments of the same run as tiny_config(out, **overrides)."""
+    settings = {**TINY_RUN, "out": str(out), **overrides}
+    flags = [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+    return ["train", *flags, "--quiet"]
+
+
+def launch(args: list[str], *hooks: str) -> subprocess.Popen:
+    """Start `resnetlab ARGS` in a child process, with the given hook flags; its output is captured."""
+    return subprocess.Popen([sys.executable, str(THIS_FILE), *hooks, "--", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_to_end(args: list[str], *hooks: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(THIS_FILE), *hooks, "--", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 60, what: str = "the condition") -> None:
+    """Poll until condition() holds; fail if the process ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the child ended (exit {process.returncode}) before {what}:\n"
+                                 f"{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def sigkill(process: subprocess.Popen) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def logged_iterations(out: Path) -> list[int]:
+    return [record["iteration"] for record in read_metrics(out)]
+
+
+def last_logged_iteration(out: Path) -> int:
+    """The iteration of the last complete metrics line of a run that may be writing one right now (0: none)."""
+    path = Path(out) / "metrics.jsonl"
+    complete = path.read_text().splitlines(keepends=True) if path.exists() else []
+    complete = [line for line in complete if line.endswith("\n")]
+    return json.loads(complete[-1])["iteration"] if complete else 0
+
+
+def write_png_folder(root: Path, classes: int = 2, per_class: int = 5) -> None:
+    """root/<class>/ with small noisy PNGs of one colour per class, plus an empty and a non-image file."""
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        (root / f"class{label}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, size=(24, 32, 3), dtype=np.uint8)
+            pixels[..., label % 3] += 180
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
+    (root / "class0" / "empty.png").write_bytes(b"")
+    (root / "class1" / "notes.png").write_text("not an image")
+
+
+def model_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The model state (parameters and BN buffers) in a run directory's checkpoint."""
+    return load_checkpoint(out)["model"]
+
+
+def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    differing = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hooks, installed in the child before the command runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def slow_down_iterations(seconds: float) -> None:
+    """Sleep at the start of every iteration (the loop asks the schedule for its lr once per iteration), so a
+    test can catch the run between two chosen iterations."""
+    from resnetlab.train import LrSchedule
+
+    lr = LrSchedule.lr
+
+    def slow_lr(self, iteration: int) -> float:
+        time.sleep(seconds)
+        return lr(self, iteration)
+
+    LrSchedule.lr = slow_lr
+
+
+def stall_checkpoint_write(nth: int, marker: Path) -> None:
+    """The nth torch.save writes the first half of its bytes, makes them durable, touches `marker` and hangs:
+    a process caught in the middle of writing a checkpoint, for the test to kill."""
+    save = torch.save
+    calls = 0
+
+    def stalling_save(obj, file, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls < nth:
+            return save(obj, file, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        file.write(buffer.getvalue()[: buffer.tell() // 2])
+        file.flush()
+        os.fsync(file.fileno())
+        marker.touch()
+        time.sleep(3600)
+
+    torch.save = stalling_save
+
+
+def kill_loader_workers() -> None:
+    """A DataLoader worker that dies (as when the kernel's OOM killer picks it) when it decodes its first image."""
+    from resnetlab.data.augment import ScaleAugment
+
+    def die_in_worker(self, image):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("the training images were decoded outside a DataLoader worker")
+
+    ScaleAugment.__call__ = die_in_worker
+
+
+def main(argv: list[str]) -> int:
+    split = argv.index("--")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds-per-iteration", type=float)
+    parser.add_argument("--stall-checkpoint", nargs=2, metavar=("N", "MARKER"))
+    parser.add_argument("--kill-loader-worker", action="store_true")
+    hooks = parser.parse_args(argv[:split])
+    if hooks.seconds_per_iteration:
+        slow_down_iterations(hooks.seconds_per_iteration)
+    if hooks.stall_checkpoint:
+        stall_checkpoint_write(int(hooks.stall_checkpoint[0]), Path(hooks.stall_checkpoint[1]))
+    if hooks.kill_loader_worker:
+        kill_loader_workers()
+    from resnetlab.cli import main as resnetlab
+
+    return resnetlab(argv[split + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,150 @@
+"""Faults a long run meets, done for real in child processes: SIGKILL mid-run and mid-checkpoint, then --resume;
+a broken or foreign checkpoint on resume; a full disk; a data-loader worker that dies."""
+
+from __future__ import annotations
+
+import errno
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from run_helpers import (assert_same_tensors, cli_args, last_logged_iteration, launch, logged_iterations,
+                         model_weights, run_to_end, sigkill, tiny_config, wait_for, write_png_folder)
+
+from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resnetlab.cli import main as cli_main
+from resnetlab.models import create_model
+from resnetlab.train import train
+
+ITERATIONS, CHECKPOINT_EVERY = 40, 10
+SLOW = ("--seconds-per-iteration", "0.05")  # 2 s of sleep over the run: time to catch it at a chosen iteration
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run every interrupted one must end up equal to, in a child process like them (the number of CPU
+    threads changes the float results, so all runs compared here are made the same way)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    finished = run_to_end(cli_args(out, checkpoint_every=CHECKPOINT_EVERY))
+    assert finished.returncode == 0, finished.stderr
+    return out
+
+
+def resume_to_end(out: Path) -> None:
+    finished = run_to_end(["train", "--resume", str(out), "--quiet"])
+    assert finished.returncode == 0, finished.stderr
+
+
+def test_sigkill_at_a_random_iteration_then_resume_gives_the_uninterrupted_weights(uninterrupted, tmp_path):
+    kill_after = random.Random(6).randint(CHECKPOINT_EVERY + 2, ITERATIONS - 3)
+    out = tmp_path / "out"
+    child = launch(cli_args(out, checkpoint_every=CHECKPOINT_EVERY), *SLOW)
+    wait_for(lambda: (out / "checkpoint.pt").exists() and last_logged_iteration(out) >= kill_after, child,
+             what=f"iteration {kill_after}")
+    sigkill(child)
+    killed_at = last_logged_iteration(out)
+    saved_at = load_checkpoint(out)["iteration"]
+    assert killed_at < ITERATIONS and not (out / "summary.json").exists()
+    assert saved_at % CHECKPOINT_EVERY == 0 and kill_after - CHECKPOINT_EVERY < saved_at <= killed_at
+
+    resume_to_end(out)
+    assert_same_tensors(model_weights(out), model_weights(uninterrupted))
+    assert logged_iterations(out) == list(range(1, ITERATIONS + 1)), f"killed after iteration {killed_at}"
+
+
+def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(uninterrupted, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    child = launch(cli_args(out, checkpoint_every=CHECKPOINT_EVERY), "--stall-checkpoint", "2", str(marker))
+    wait_for(marker.exists, child, what="the second checkpoint to be half written")
+    sigkill(child)
+    partial = out / "checkpoint.pt.partial"
+    assert partial.stat().st_size > 0  # the half-written file is there ...
+    with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(partial))} is truncated or corrupt"):
+        load_checkpoint(partial)  # ... it is not a checkpoint ...
+    assert load_checkpoint(out)["iteration"] == CHECKPOINT_EVERY  # ... and the previous one is intact
+
+    resume_to_end(out)
+    assert_same_tensors(model_weights(out), model_weights(uninterrupted))
+    assert not partial.exists()
+
+
+def flip_bytes_in_the_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def swap_in_other_weights(path: Path) -> None:
+    """A checkpoint whose bookkeeping says resnet20 but whose weights are another network's."""
+    state = load_checkpoint(path)
+    state["model"] = create_model("resnet32", num_classes=10, in_channels=1).state_dict()
+    save_checkpoint(state, path)
+
+
+BREAKAGES = {
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+                  "is truncated or corrupt"),
+    "corrupted": (flip_bytes_in_the_middle, "is truncated or corrupt"),
+    "empty": (lambda path: path.write_bytes(b""), "is truncated or corrupt"),
+    "foreign": (lambda path: torch.save({"weights": torch.zeros(3)}, path), "is not a resnetlab checkpoint"),
+    "other model": (swap_in_other_weights, r"\(resnet20, .*\) does not fit this model"),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_broken_checkpoint_on_resume_is_a_clear_error_and_trains_nothing(uninterrupted, tmp_path, capsys, breakage):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "summary.json").unlink()
+    break_file, message = BREAKAGES[breakage]
+    break_file(out / "checkpoint.pt")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    assert cli_main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"resnetlab train: error: (checkpoint )?{re.escape(str(out / 'checkpoint.pt'))} .*{message}", err)
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # not a byte written
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert cli_main(["train", "--resume", str(tmp_path / "out"), "--quiet"]) == 2
+    expected = f"resnetlab train: error: checkpoint {tmp_path / 'out' / 'checkpoint.pt'} does not exist\n"
+    assert capsys.readouterr().err == expected
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_disk_full_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    save, saves = torch.save, []
+
+    def save_until_the_disk_fills(state, file, *args, **kwargs):
+        saves.append(state["iteration"])
+        if len(saves) == 1:
+            return save(state, file, *args, **kwargs)
+        file.write(b"PK\x03\x04 some bytes made it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    config = tiny_config(tmp_path / "out", iterations=ITERATIONS, checkpoint_every=CHECKPOINT_EVERY)
+    with pytest.raises(OSError, match="No space left on device") as error:
+        train(config, progress=False)
+    assert error.value.errno == errno.ENOSPC and saves == [10, 20]
+    monkeypatch.undo()
+    assert load_checkpoint(config.out)["iteration"] == 10
+    assert sorted(path.name for path in Path(config.out).iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+def test_a_dying_data_loader_worker_stops_the_run_with_a_message(tmp_path):
+    write_png_folder(tmp_path / "images")
+    args = cli_args(tmp_path / "out", data=f"folder:{tmp_path / 'images'}", iterations=2, batch_size=4, workers=1)
+    finished = run_to_end(args, "--kill-loader-worker", timeout=120)  # a hang fails here instead of blocking
+    assert finished.returncode == 2, finished.stderr
+    # torch reports it one way or the other, depending on which of its checks sees the death first
+    assert re.fullmatch(r"resnetlab train: error: DataLoader worker \(pid.*\) (exited unexpectedly|is killed by "
+                        r"signal: Killed\.)\n", finished.stderr), finished.stderr
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()

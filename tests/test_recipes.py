@@ -1,0 +1,241 @@
+"""resnetlab.recipes and the lr schedule: the paper's presets as data, their overrides (TOML file, then flags),
+the rejection of out-of-range settings before any work, and the learning rate of every iteration."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, replace
+
+import pytest
+from run_helpers import read_metrics, tiny_config
+
+import resnetlab.train as training
+from resnetlab.cli import main as cli_main
+from resnetlab.recipes import RECIPE_KEYS, RECIPES, RUN_KEYS, resolve_config
+from resnetlab.train import LrSchedule, prepare
+
+
+def test_cifar_preset_is_the_papers_section_4_2():
+    cifar = RECIPES["cifar"]
+    assert (cifar.batch_size, cifar.lr, cifar.momentum, cifar.weight_decay) == (128, 0.1, 0.9, 1e-4)
+    assert (cifar.lr_milestones, cifar.iterations, cifar.lr_decay) == ((32_000, 48_000), 64_000, 0.1)
+    assert (cifar.warmup_min_depth, cifar.warmup_lr, cifar.warmup_until_error) == (110, 0.01, 0.8)
+    assert (cifar.augment, cifar.padding, cifar.plateau_patience) == ("crop_flip", 4, 0)
+
+
+def test_imagenet_preset_is_the_papers_section_3_4():
+    imagenet = RECIPES["imagenet"]
+    assert (imagenet.batch_size, imagenet.lr, imagenet.momentum, imagenet.weight_decay) == (256, 0.1, 0.9, 1e-4)
+    assert (imagenet.iterations, imagenet.lr_milestones, imagenet.augment) == (600_000, (), "scale")
+    assert imagenet.plateau_patience > 0 and imagenet.warmup_min_depth == 0
+
+
+def test_with_iterations_keeps_the_milestones_in_place():
+    short = RECIPES["cifar"].with_iterations(300)
+    assert (short.iterations, short.lr_milestones) == (300, (150, 225))
+    assert replace(short, iterations=64_000, lr_milestones=(32_000, 48_000)) == RECIPES["cifar"]
+    assert resolve_config(model="resnet20", data="digits", out="x", iterations=300).recipe == short
+
+
+def test_lr_drops_tenfold_at_each_milestone():
+    schedule = LrSchedule(RECIPES["cifar"].with_iterations(300), warm_up=False)
+    assert schedule.lr(0) == schedule.lr(149) == 0.1
+    assert schedule.lr(150) == schedule.lr(224) == pytest.approx(0.01, rel=1e-12)
+    assert schedule.lr(225) == schedule.lr(299) == pytest.approx(0.001, rel=1e-12)
+
+
+def test_warm_up_at_0_01_until_the_smoothed_training_error_is_below_80_percent():
+    schedule = LrSchedule(RECIPES["cifar"], warm_up=True)
+    assert schedule.lr(0) == 0.01
+    # The error is smoothed (0.9 old + 0.1 new, from 1.0), so one lucky batch does not end the warm-up:
+    # constant 50% errors bring it to 0.95, 0.905, 0.8645, 0.82805, 0.795245.
+    for _ in range(4):
+        schedule.observe_batch_error(0.5)
+        assert schedule.lr(1) == 0.01
+    schedule.observe_batch_error(0.5)
+    assert schedule.train_error_ema == pytest.approx(0.795245)
+    assert schedule.lr(1) == 0.1
+    schedule.observe_batch_error(1.0)  # the warm-up never comes back
+    assert schedule.lr(1) == 0.1
+
+
+@pytest.mark.parametrize(("model", "recipe", "warms_up"), [
+    ("resnet110", "cifar", True), ("resnet56", "cifar", False), ("resnet110", "imagenet", False)])
+def test_only_110_layers_and_deeper_warm_up(tmp_path, model, recipe, warms_up):
+    run = prepare(tiny_config(tmp_path, model=model, recipe=recipe), resume=False)
+    assert run.schedule.warming_up is warms_up
+    assert run.schedule.lr(0) == (0.01 if warms_up else 0.1)
+
+
+def test_plateau_drops_after_patience_evaluations_without_improvement():
+    recipe = RECIPES["imagenet"]
+    assert recipe.plateau_patience == 3
+    schedule = LrSchedule(recipe, warm_up=False)
+    for error in (0.50, 0.40, 0.45, 0.40, 0.41):  # a new best, then 3 evaluations that do not beat 0.40
+        assert schedule.lr(10**5) == 0.1
+        schedule.observe_validation_error(error)
+    assert schedule.lr(10**5) == pytest.approx(0.01, rel=1e-12)
+    for error in (0.30, 0.31, 0.32):  # an improvement restarts the count
+        schedule.observe_validation_error(error)
+    assert schedule.lr(10**5) == pytest.approx(0.01, rel=1e-12)
+    schedule.observe_validation_error(0.30)
+    assert schedule.lr(10**5) == pytest.approx(0.001, rel=1e-12)
+
+
+def test_cifar_recipe_ignores_the_validation_error():
+    schedule = LrSchedule(RECIPES["cifar"], warm_up=False)
+    for _ in range(10):
+        schedule.observe_validation_error(0.9)
+    assert schedule.lr(0) == 0.1
+
+
+def test_schedule_state_round_trips():
+    schedule = LrSchedule(RECIPES["imagenet"], warm_up=True)
+    for error in (0.3, 0.9, 0.9, 0.9):
+        schedule.observe_validation_error(error)
+        schedule.observe_batch_error(error)
+    copy = LrSchedule(RECIPES["imagenet"], warm_up=True)
+    copy.load_state_dict(schedule.state_dict())
+    assert copy.state_dict() == schedule.state_dict() and copy.plateau_drops == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TOML files and flags
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_toml(tmp_path, text: str):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_flat_keys_and_recipe_table(tmp_path):
+    path = write_toml(tmp_path, 'model = "resnet32"\ndata = "digits"\nout = "runs/a"\nseed = 7\n'
+                                "precision = \"bf16\"\n\n[recipe]\niterations = 300\nbatch_size = 64\nlr = 0.05\n"
+                                "lr_milestones = [100, 200]\n")
+    config = resolve_config("cifar", path)
+    assert (config.model, config.data, config.out, config.seed, config.precision) == (
+        "resnet32", "digits", "runs/a", 7, "bf16")
+    assert config.recipe == replace(RECIPES["cifar"], iterations=300, batch_size=64, lr=0.05,
+                                    lr_milestones=(100, 200))
+
+
+def test_toml_can_pick_the_preset_and_its_iterations_rescale_the_milestones(tmp_path):
+    path = write_toml(tmp_path, 'recipe = "imagenet"\nmodel = "resnet18"\ndata = "digits"\nout = "o"\n')
+    assert resolve_config("cifar", path).recipe == RECIPES["imagenet"]
+    path = write_toml(tmp_path, 'model = "resnet20"\ndata = "digits"\nout = "o"\niterations = 640\n')
+    assert resolve_config("cifar", path).recipe.lr_milestones == (320, 480)
+
+
+def test_flags_override_the_toml_file(tmp_path):
+    path = write_toml(tmp_path, 'model = "resnet32"\ndata = "digits"\nout = "o"\nlr = 0.05\nseed = 7\n')
+    config = resolve_config("cifar", path, model="resnet20", lr=0.2, seed=None)  # None: flag not given
+    assert (config.model, config.recipe.lr, config.seed) == ("resnet20", 0.2, 7)
+
+
+def test_flags_override_the_toml_file_through_the_cli(tmp_path, capsys):
+    path = write_toml(tmp_path, 'model = "resnet20"\ndata = "digits"\nlr = 0.05\nbatch_size = 16\niterations = 4\n'
+                                "log_every = 1\n")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(path), "--out", str(out), "--lr", "0.3", "--quiet"]) == 0
+    recipe = json.loads((out / "summary.json").read_text())["config"]["recipe"]
+    assert (recipe["lr"], recipe["batch_size"], recipe["lr_milestones"]) == (0.3, 16, [2, 3])
+    assert [record["lr"] for record in read_metrics(out)] == pytest.approx([0.3, 0.3, 0.03, 0.003], rel=1e-12)
+    assert "resnet20 on digits: 4 iterations" in capsys.readouterr().out
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    path = write_toml(tmp_path, 'model = "resnet20"\nlearning_rate = 0.1\n')
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) learning_rate; valid: ") as error:
+        resolve_config("cifar", path)
+    assert all(key in str(error.value) for key in RUN_KEYS + RECIPE_KEYS)
+    with pytest.raises(ValueError, match="unknown setting.*bogus"):
+        resolve_config(model="resnet20", data="digits", out="o", bogus=1)
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    path = write_toml(tmp_path, "lr = = 0.1\n")
+    with pytest.raises(ValueError, match=f"config file {re.escape(str(path))} is not valid TOML"):
+        resolve_config("cifar", path)
+    path.write_bytes(b"lr = \xff\n")
+    with pytest.raises(ValueError, match=f"config file {re.escape(str(path))} is not valid TOML"):
+        resolve_config("cifar", path)
+    with pytest.raises(FileNotFoundError, match="config file .*missing.toml does not exist"):
+        resolve_config("cifar", tmp_path / "missing.toml")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Out-of-range settings: rejected before any work, naming the flag
+# --------------------------------------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ({"iterations": -5}, "--iterations must be a positive integer, got -5"),
+    ({"iterations": 0}, "--iterations must be a positive integer, got 0"),
+    ({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+    ({"lr": math.nan}, "--lr must be a finite number > 0, got nan"),
+    ({"lr": math.inf}, "--lr must be a finite number > 0, got inf"),
+    ({"lr": 0.0}, "--lr must be a finite number > 0, got 0.0"),
+    ({"momentum": -0.9}, "--momentum must be a finite number >= 0, got -0.9"),
+    ({"weight_decay": math.nan}, "--weight-decay must be a finite number >= 0, got nan"),
+    ({"precision": "fp16"}, "--precision 'fp16' is not valid; choose one of fp32, bf16"),
+    ({"device": "tpu"}, "--device 'tpu' is not valid; choose one of auto, cpu, cuda"),
+    ({"checkpoint_every": -1}, "--checkpoint-every must be an integer >= 0, got -1"),
+    ({"log_every": 0}, "--log-every must be a positive integer, got 0"),
+    ({"seed": -1}, "--seed must be an integer >= 0, got -1"),
+    ({"model": "resnet21"}, "--model 'resnet21' is not a named model; choose one of "),
+    ({"data": "svhn:/data"}, "unknown dataset 'svhn:/data': valid kinds are cifar10:PATH"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS)
+def test_out_of_range_settings_name_the_flag(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_config(**{"model": "resnet20", "data": "digits", "out": "o", **overrides})
+
+
+def test_unknown_recipe_lists_the_presets():
+    with pytest.raises(ValueError, match="--recipe .cifar11. is not a preset; choose one of cifar, imagenet"):
+        resolve_config("cifar11", model="resnet20", data="digits", out="o")
+
+
+def cli_rejects(tmp_path, monkeypatch, capsys, args: list[str]) -> str:
+    """Run `resnetlab train ARGS` and return its stderr, checking that it failed before doing anything."""
+    calls = []
+    monkeypatch.setattr(training, "train", lambda *a, **kw: calls.append(a))
+    out = tmp_path / "run"
+    assert cli_main(["train", "--model", "resnet20", "--data", "digits", "--out", str(out), "--quiet", *args]) == 2
+    assert calls == [] and not out.exists()
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--iterations", "-5"], "--iterations must be a positive integer, got -5"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--precision", "fp16"], "--precision 'fp16' is not valid; choose one of fp32, bf16"),
+    (["--recipe", "cifar11"], "--recipe 'cifar11' is not a preset"),
+    (["--model", "resnet21"], "--model 'resnet21' is not a named model"),
+])
+def test_cli_rejects_out_of_range_arguments_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    err = cli_rejects(tmp_path, monkeypatch, capsys, args)
+    assert err.startswith("resnetlab train: error: ") and message in err
+
+
+def test_cli_names_a_missing_data_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "train", lambda *a, **kw: pytest.fail("trained without --data"))
+    assert cli_main(["train", "--model", "resnet20", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_config_round_trips_through_its_dict():
+    config = resolve_config(model="resnet20", data="digits", out="o", iterations=300, seed=3)
+    assert asdict(config)["recipe"]["lr_milestones"] == (150, 225)
+    assert type(config).from_dict(config.to_dict()) == config
