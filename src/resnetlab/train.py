@@ -131,8 +131,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             images_per_second = window[2].item() * recipe.batch_size / (now - window_start)
             record = {"iteration": done, "lr": lr, "train_loss": window[0].item() / window[2].item(),
                       "train_error": window[1].item() / window[2].item(), "images_per_second": images_per_second}
-            if evaluate_now:
-                record.update(held_out_errors(run))
+            if evaluate_now:  # every process's schedule sees rank 0's errors
+                record.update(distributed.on_main(context, lambda: held_out_errors(run)))
                 run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
             if context.is_main:
                 append_jsonl(out / "metrics.jsonl", record)
@@ -144,7 +144,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         bar.update(done, loss=f"{loss_and_error[0]:.3f}", err=f"{100 * loss_and_error[1]:.1f}%",
                    img_s=f"{images_per_second:.0f}")
     bar.close()
-    summary = finish(run, run.elapsed + time.perf_counter() - session_start)
+    summary = distributed.on_main(context, lambda: finish(run, run.elapsed + time.perf_counter() - session_start))
     distributed.teardown(context)
     return summary
 
@@ -230,7 +230,7 @@ def save_state(run: Run, iteration: int, elapsed: float) -> None:
 
 
 def finish(run: Run, wall_seconds: float) -> dict:
-    """Final errors, summary.json and the plain weights."""
+    """Final errors, summary.json and the plain weights (in rank 0 alone in a distributed run)."""
     config = run.config
     layout = memory_format(config.channels_last)
     scores, labels = class_probabilities(run.network, run.data.train, run.normalize, device=run.device,
@@ -247,11 +247,10 @@ def finish(run: Run, wall_seconds: float) -> dict:
         "device": str(run.device), "processes": run.context.world_size, "torch": torch.__version__,
         "config": config.to_dict(),
     }
-    if run.context.is_main:
-        out = Path(config.out)
-        write_json_atomic(out / "summary.json", summary)
-        export_safetensors(run.network, out / "model.safetensors",
-                           metadata={"model": config.model, "model_kwargs": json.dumps(run.model_kwargs)})
+    out = Path(config.out)
+    write_json_atomic(out / "summary.json", summary)
+    export_safetensors(run.network, out / "model.safetensors",
+                       metadata={"model": config.model, "model_kwargs": json.dumps(run.model_kwargs)})
     return summary
 
 

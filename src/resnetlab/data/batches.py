@@ -20,6 +20,7 @@ from resnetlab.data.formats import ArrayDataset, FolderDataset
 # never coincide with each other or with the seed of the weight initialisation.
 _PERMUTATION_STREAM = 1_000_003
 _AUGMENT_STREAM = 2_000_003
+_RANK_STREAM = 1_000_000_007  # offsets the folder augmentation seed of each process
 
 
 class IndexStream:
@@ -53,13 +54,16 @@ def padding_for(image_size: int, padding_at_32: int) -> int:
 
 def array_batches(data: ArrayDataset, *, batch_size: int, seed: int, start: int, stop: int, padding: int,
                   flip: bool, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches of an in-memory dataset, padded, cropped and flipped as whole-batch tensor ops."""
+    """uint8 batches of an in-memory dataset, padded, cropped and flipped as whole-batch tensor ops.
+
+    The crops and flips are drawn for the whole global batch and each process keeps its share, so an image is
+    augmented alike whatever the number of processes (augmenting small images costs next to nothing)."""
     stream = IndexStream(len(data), batch_size, seed)
     for iteration in range(start, stop):
-        index = stream.batch(iteration)[rank::world_size]
+        index = stream.batch(iteration)
         generator = torch.Generator().manual_seed(seed * _AUGMENT_STREAM + iteration)
         images = random_crop_flip(data.images[index], padding=padding, flip=flip, generator=generator)
-        yield images, data.labels[index]
+        yield images[rank::world_size], data.labels[index[rank::world_size]]
 
 
 class _IterationSampler(torch.utils.data.Sampler):
@@ -77,9 +81,10 @@ class _IterationSampler(torch.utils.data.Sampler):
 def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: int, stop: int, flip: bool,
                    workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 224x224 batches of an image folder: scale augmentation decoded with Pillow in DataLoader workers.
-    The batch indices follow (seed, iteration) exactly; the random scales and crops are seeded per worker."""
+    The batch indices follow (seed, iteration) exactly; the random scales and crops are seeded per worker and
+    per process (the same seed in every process would give their workers the same draws)."""
     augmented = copy.copy(data)
-    augmented.transform = ScaleAugment(flip=flip, seed=seed)
+    augmented.transform = ScaleAugment(flip=flip, seed=seed + rank * _RANK_STREAM)
     sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
     loader = torch.utils.data.DataLoader(
         augmented, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
