@@ -40,6 +40,88 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from resnetlab.evaluate import evaluate_checkpoints
+
+    result = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.mode,
+                                  batch_size=args.batch_size, workers=args.workers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    models = " + ".join(result["checkpoints"])
+    print(f"{models} on {result['data']} (test split, {result['images']:,} images), {result['mode']}: "
+          f"top-1 error {100 * result['top1_error']:.2f}%, top-5 error {100 * result['top5_error']:.2f}%")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from resnetlab.evaluate import predict
+
+    for path, ranking in zip(args.images, predict(args.checkpoint, args.images, args.top)):
+        print(path)
+        for name, probability in ranking:
+            print(f"  {probability:8.4f}  {name}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from resnetlab.bench import bench_infer, bench_train, format_table
+
+    batch = {} if args.batch_size is None else {"batch_size": args.batch_size}  # else each bench's own default
+    if args.what == "train":
+        summary = bench_train(args.model, seconds=args.seconds, **batch)
+    else:
+        summary = bench_infer(args.model, seconds=args.seconds, compile=args.compile, **batch)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from resnetlab.export import export
+
+    print(f"wrote {export(args.checkpoint, args.format, args.out)} (BN folded into the convolutions, fp32)")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from resnetlab.experiments import reproduce
+
+    reproduce(args.experiment, args.out, data=args.data, iterations=args.iterations, seeds=args.seeds,
+              depths=args.depths, runs_dir=args.runs_dir, progress=not args.quiet)
+    return print_report(args.out)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from resnetlab.report import render_report
+
+    print(f"wrote {render_report(args.dir)} and its figures from {args.dir}/results.json")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from resnetlab.experiments import DEMO_PRESET, demo
+
+    print(f"resnetlab demo: the degradation experiment (paper Fig. 6) on {DEMO_PRESET.data}: plain and residual "
+          f"nets of {' and '.join(map(str, DEMO_PRESET.depths))} layers, {DEMO_PRESET.iterations} iterations, "
+          f"{DEMO_PRESET.seeds} seeds, into {args.out}")
+    demo(args.out, progress=not args.quiet)
+    return print_report(args.out)
+
+
+def print_report(out: str) -> int:
+    from resnetlab.report import REPORT_NAME
+
+    report = f"{out}/{REPORT_NAME}"
+    with open(report) as file:
+        print("\n" + file.read())
+    print(f"report: {report} (figures and results.json beside it)")
+    return 0
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of a training run; None means "not given", so presets and TOML files keep their values."""
     p.add_argument("--model", help="a name from `resnetlab models`, e.g. resnet20")
@@ -81,7 +163,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with one of the paper's recipes")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 test error of a checkpoint (or an ensemble) in a testing mode")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
+    p.add_argument("--data", help="dataset spec (default: the one the checkpoint was trained on); its test split")
+    p.add_argument("--mode", default="center",
+                   help="center (default), 10crop (corners + center and flips) or multiscale (paper Sec. 3.4)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT", help="more checkpoints; scores are averaged")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes for image folders")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="the most probable classes of image files")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="images/s of the default training or inference path beside a reference")
+    p.add_argument("what", choices=["train", "infer"])
+    p.add_argument("--model", required=True, help="a name from `resnetlab models`")
+    p.add_argument("--batch-size", type=int, help="default: 128 for train, 16 for infer")
+    p.add_argument("--seconds", type=float, default=30.0, help="time per path (split over 3 rounds)")
+    p.add_argument("--compile", action="store_true", help="infer: torch.compile the fast path")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="a checkpoint's model with BN folded, as ONNX or TorchScript")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", metavar="FILE", help="default: model.onnx / model.torchscript.pt beside the checkpoint")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")
+    p.add_argument("experiment", choices=["table1", "degradation", "shortcuts", "depth", "responses"])
+    p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, *.png and runs/ go here")
+    p.add_argument("--data", help="dataset spec (default: digits)")
+    p.add_argument("--iterations", type=int, help="iterations of every run (the lr milestones scale with it)")
+    p.add_argument("--seeds", type=int, help="seeds per network (0..K-1); errors are reported as mean and std")
+    p.add_argument("--depths", type=depth_list, metavar="D1,D2,...",
+                   help="depths of the networks (e.g. 20,32,44,56,110,1202 for depth)")
+    p.add_argument("--runs-dir", metavar="DIR", help="where runs are trained (default OUT/runs); point it at another "
+                   "experiment's runs to reuse its trained networks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="re-render DIR/report.md and its plots from DIR/results.json")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the degradation problem and its cure on the embedded digits data (~10 min on 2 "
+                       "CPU cores)")
+    p.add_argument("--out", default="resnetlab-demo", metavar="DIR", help="default: ./resnetlab-demo")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
     return parser
+
+
+def depth_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:

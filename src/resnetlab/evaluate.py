@@ -1,14 +1,45 @@
-"""Evaluation: class scores of a dataset and top-k errors."""
+"""Evaluation: class scores of a dataset in the paper's three testing modes, ensembles, and predictions.
+
+Modes (He et al. 2015, Sec. 3.4 and Table 3):
+
+- ``center``: each image once, as seen during validation (array images as they are; folder images resized to 256
+  on the shorter side and center-cropped to 224).
+- ``10crop``: the four corner crops, the center crop and the horizontal flips of all five; softmax scores are
+  averaged. The crops are of the training input size, taken from the image the training crops were taken from:
+  folder images resized to 256 on the shorter side (224 crops); small array images (CIFAR, MNIST, digits)
+  zero-padded as in training (4 pixels at 32x32, `padding_for`), so the 10 crops are the extreme and central
+  positions of the training's random crop.
+- ``multiscale``: fully convolutional (the global average pool accepts any size): the shorter side is resized to
+  each of the paper's scales {224, 256, 384, 480, 640} and the softmax scores are averaged. Small array images use
+  the same ratios to their training size (32x32 CIFAR: 32, 37, 55, 69, 91). Images are normalized at their loaded
+  size (the per-pixel mean fits there) and the normalized batch is resized; resizing is linear, so this equals
+  subtracting the equally resized mean.
+
+An ensemble averages the softmax scores of several checkpoints, each with its own normalization.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from resnetlab.data.augment import Normalize
-from resnetlab.data.batches import evaluation_batches
-from resnetlab.data.formats import ArrayDataset, FolderDataset
-from resnetlab.precision import autocast
+from resnetlab.checkpoint import checkpoint_path, load_model
+from resnetlab.data.augment import CenterCrop, Normalize, _resized_size, resize_shorter, ten_crops
+from resnetlab.data.batches import evaluation_batches, padding_for
+from resnetlab.data.formats import ArrayDataset, FolderDataset, load_dataset, parse_spec
+from resnetlab.precision import autocast, pick_device
+
+MODES = ("center", "10crop", "multiscale")
+# The paper's multi-scale testing: shorter sides relative to its 224 training crops.
+PAPER_SCALES = (224, 256, 384, 480, 640)
+PAPER_CROP = 224
 
 
 @torch.no_grad()
@@ -32,8 +63,190 @@ def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, no
     return torch.cat(scores), torch.cat(labels)
 
 
+@torch.no_grad()
+def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize,
+                       mode: str = "center", *, device: torch.device, padding: int = 4, batch_size: int = 500,
+                       precision: str = "fp32", workers: int = 0,
+                       limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax scores (N, classes) in a testing `mode` (see the module docstring), and the labels.
+
+    `padding` is the training padding of array images at 32x32 (the recipe's `padding`), used by ``10crop``.
+    """
+    check_mode(mode)
+    if mode == "center":
+        return class_probabilities(model, data, normalize, device=device, batch_size=batch_size,
+                                   precision=precision, workers=workers, limit=limit)
+    was_training = model.training
+    model.eval()
+
+    def softmax(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return model(x).float().softmax(1)
+
+    scores, labels = [], []
+    try:
+        for images, batch_labels in mode_batches(data, mode, batch_size, workers, limit, padding):
+            images = images.to(device, non_blocking=True)
+            if mode == "10crop":  # images: (10, N, C, crop, crop)
+                views = [normalize(crops) for crops in images]
+            else:
+                x = normalize(images)
+                views = [resize_shorter(x, side) for side in scales_for(data)]
+            scores.append(torch.stack([softmax(view) for view in views]).mean(0).cpu())
+            labels.append(batch_labels)
+    finally:
+        model.train(was_training)
+    return torch.cat(scores), torch.cat(labels)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r} is not a testing mode; choose one of {', '.join(MODES)}")
+
+
+def scales_for(data: ArrayDataset | FolderDataset) -> list[int]:
+    """The multi-scale shorter sides: the paper's for folder images, the same ratios for small array images."""
+    if isinstance(data, FolderDataset):
+        return list(PAPER_SCALES)
+    size = data.images.shape[-1]
+    return [round(side * size / PAPER_CROP) for side in PAPER_SCALES]
+
+
+def mode_batches(data: ArrayDataset | FolderDataset, mode: str, batch_size: int, workers: int, limit: int | None,
+                 padding: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches for a mode: (10, N, C, crop, crop) crops for 10crop, whole images for multiscale (one folder
+    image per batch, since their sizes differ)."""
+    if isinstance(data, ArrayDataset):
+        size = data.images.shape[-1]
+        pad = padding_for(size, padding)
+        for images, labels in evaluation_batches(data, batch_size, limit=limit):
+            if mode == "10crop":
+                images = ten_crops(F.pad(images, (pad, pad, pad, pad)), size)
+            yield images, labels
+        return
+    count = len(data) if limit is None else min(limit, len(data))
+    loaded = copy.copy(data)
+    loaded.transform = FolderTenCrops() if mode == "10crop" else None
+    subset = torch.utils.data.Subset(loaded, range(count))
+    for images, labels in torch.utils.data.DataLoader(subset, batch_size=batch_size if mode == "10crop" else 1,
+                                                      num_workers=workers, timeout=300 if workers else 0):
+        yield (images.transpose(0, 1) if mode == "10crop" else images), labels
+
+
+class FolderTenCrops:
+    """PIL image -> uint8 (10, 3, 224, 224): the shorter side resized to 256, then `ten_crops`."""
+
+    def __init__(self, resize: int = 256, crop: int = PAPER_CROP):
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        resized = img.convert("RGB").resize(_resized_size(img.width, img.height, self.resize), Image.BILINEAR)
+        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+        return ten_crops(pixels[None], self.crop)[:, 0]
+
+
 def top_k_error(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Fraction of images whose label is not among the k highest scores (k is capped at the number of classes)."""
     k = min(k, scores.shape[1])
     hits = (scores.topk(k, dim=1).indices == labels[:, None]).any(1)
     return 1.0 - hits.float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints: evaluation, ensembles, prediction
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_models(checkpoints: Sequence[str | Path], device: torch.device) -> list[tuple[nn.Module, dict]]:
+    """The models of an ensemble, on `device`; they must predict the same classes in the same order."""
+    if not checkpoints:
+        raise ValueError("no checkpoint given")
+    models = [load_model(path) for path in checkpoints]
+    first_classes = models[0][1]["classes"]
+    for path, (_, state) in zip(checkpoints[1:], models[1:]):
+        if state["classes"] != first_classes:
+            raise ValueError(f"cannot ensemble {checkpoint_path(checkpoints[0])} and {checkpoint_path(path)}: they "
+                             f"predict different classes ({len(first_classes)} vs {len(state['classes'])}: "
+                             f"{first_classes[:3]}... vs {state['classes'][:3]}...)")
+    return [(model.to(device), state) for model, state in models]
+
+
+def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: ArrayDataset | FolderDataset,
+                           mode: str = "center", *, device: torch.device, batch_size: int = 500,
+                           workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax scores of `data` averaged over the (model, checkpoint) pairs of `load_models` (one: its own
+    scores), each with its own normalization and training padding; and the labels."""
+    scores, labels = [], None
+    for model, state in models:
+        recipe = state.get("config", {}).get("recipe", {})
+        model_scores, labels = mode_probabilities(
+            model, data, Normalize.from_state_dict(state["normalize"]), mode, device=device,
+            padding=recipe.get("padding", 4), batch_size=batch_size, workers=workers)
+        scores.append(model_scores)
+    return torch.stack(scores).mean(0), labels
+
+
+def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, mode: str = "center", *,
+                         device: str = "auto", batch_size: int = 500, workers: int = 0) -> dict:
+    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on)."""
+    check_mode(mode)  # before loading anything
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    target = pick_device(device)
+    models = load_models(checkpoints, target)
+    first = models[0][1]
+    spec = data or first.get("config", {}).get("data")
+    if not spec:
+        raise ValueError(f"{checkpoint_path(checkpoints[0])} does not record its dataset; give --data")
+    splits = load_dataset(spec)
+    if splits.classes != first["classes"]:
+        raise ValueError(f"{spec} has classes {splits.classes[:3]}... ({splits.num_classes}), but "
+                         f"{checkpoint_path(checkpoints[0])} predicts {first['classes'][:3]}... "
+                         f"({len(first['classes'])})")
+    scores, labels = ensemble_probabilities(models, splits.test, mode, device=target, batch_size=batch_size,
+                                            workers=workers)
+    return {"checkpoints": [str(checkpoint_path(path)) for path in checkpoints], "data": spec, "mode": mode,
+            "images": len(labels), "top1_error": top_k_error(scores, labels, 1),
+            "top5_error": top_k_error(scores, labels, 5)}
+
+
+def prediction_input(path: str | Path, channels: int, side: int, border: float) -> torch.Tensor:
+    """One image file as uint8 (channels, side, side): the central square, less `border` (a fraction of each
+    side, as the 256 -> 224 validation crop removes), resized to `side`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read {path} as an image: {error}") from None
+    square = ImageOps.fit(img, (side, side), Image.BILINEAR, bleed=border)
+    pixels = torch.from_numpy(np.array(square))
+    return pixels[None] if channels == 1 else pixels.permute(2, 0, 1)
+
+
+@torch.no_grad()
+def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
+            device: str = "auto") -> list[list[tuple[str, float]]]:
+    """The k most probable (class name, probability) of each image, most probable first.
+
+    Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
+    the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
+    sees its validation view (shorter side 256, central 224); a small-image model the central square resized.
+    """
+    if k < 1:
+        raise ValueError(f"--top must be >= 1, got {k}")
+    target = pick_device(device)
+    model, state = load_model(checkpoint)
+    normalize = Normalize.from_state_dict(state["normalize"])
+    channels = state["model_kwargs"].get("in_channels", 3)
+    side = normalize.mean.shape[-1] if normalize.mean.shape[-1] > 1 else PAPER_CROP
+    spec = state.get("config", {}).get("data")
+    validation = CenterCrop()
+    border = (1 - validation.crop / validation.resize) / 2 if spec and parse_spec(spec)[0] == "folder" else 0.0
+    images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
+    scores = model.to(target)(normalize(images.to(target))).float().softmax(1).cpu()
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return [[(state["classes"][i], p) for i, p in zip(indices.tolist(), probs.tolist())]
+            for indices, probs in zip(top.indices, top.values)]

@@ -118,10 +118,15 @@ class Bottleneck(nn.Module):
 
 
 def add_shortcut(block: BasicBlock | Bottleneck, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """branch + shortcut(x), summed in fp32. Under bf16 autocast the convs and BNs output bf16; summing in bf16
+    (8 mantissa bits) would round away the part of a small branch below the identity's precision in every
+    block, so the stream between blocks stays fp32 and each conv casts its own input to bf16. In fp32 this is
+    a no-op (bit-identical). docs/benchmarks.md measures what it changes."""
     if not block.residual:
         return branch
     identity = x if block.downsample is None else block.downsample(x)
-    return branch + identity
+    stream = torch.promote_types(identity.dtype, torch.float32)  # fp64 stays fp64 for a model run in double
+    return branch.to(stream) + identity.to(stream)
 
 
 Block = type[BasicBlock] | type[Bottleneck]

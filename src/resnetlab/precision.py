@@ -23,5 +23,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 convolutions natively (oneDNN on AVX512-BF16 or AMX); elsewhere bf16 is
+    emulated and slower than fp32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format

@@ -1,0 +1,163 @@
+"""What every experiment shares: its preset (data), training its runs resumably, and the results.json it writes.
+
+An experiment trains a list of *arms* (a named model, optionally with another shortcut option), each once per
+seed, into RUNS/<arm>-s<seed>/ with `resnetlab.train.train`. A run whose summary.json exists is not trained again
+(after checking that it was trained with the same settings); a run with only a checkpoint is resumed from it.
+Runs are trained one after the other: on a small CPU, parallel runs only compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from resnetlab.checkpoint import checkpoint_path, load_model
+from resnetlab.recipes import TrainConfig, resolve_config
+from resnetlab.train import resume_config, train, write_json_atomic
+
+RESULTS_NAME = "results.json"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One network an experiment trains: a named model, with its default shortcut unless `shortcut` is given."""
+
+    model: str
+    shortcut: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.model if self.shortcut is None else f"{self.model}-{self.shortcut}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything an experiment's runs use. Every arm gets the same data, recipe, iterations and seeds."""
+
+    experiment: str
+    data: str = "digits"
+    recipe: str = "cifar"
+    iterations: int = 1000
+    seeds: int = 1  # seeds 0 .. seeds-1
+    depths: tuple[int, ...] = (20, 32, 44, 56)
+    evaluations: int = 10  # test-error points along each curve (the last one is the final test error)
+    curve_points: int = 100  # training-error points along each curve
+    checkpoints: int = 4  # an interrupted run resumes from the last of these (each is an fsync'ed file)
+
+    def configure(self, arm: Arm, seed: int, out: Path) -> TrainConfig:
+        return resolve_config(self.recipe, model=arm.model, shortcut=arm.shortcut, data=self.data, out=str(out),
+                              iterations=self.iterations, seed=seed,
+                              eval_every=max(1, self.iterations // self.evaluations),
+                              checkpoint_every=max(1, self.iterations // self.checkpoints),
+                              log_every=max(1, self.iterations // self.curve_points))
+
+
+def check_preset(preset: Preset) -> None:
+    if isinstance(preset.seeds, bool) or not isinstance(preset.seeds, int) or preset.seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer, got {preset.seeds!r}")
+    if not preset.depths or any(isinstance(d, bool) or not isinstance(d, int) for d in preset.depths):
+        raise ValueError(f"--depths must be a comma-separated list of depths, got {preset.depths!r}")
+
+
+def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: bool = True,
+               log: Callable[[str], None] = print) -> list[dict]:
+    """Train (or skip, or resume) every arm for every seed, seed by seed, and return one entry per run."""
+    planned = [(arm, seed) for seed in range(preset.seeds) for arm in arms]
+    configs = [preset.configure(arm, seed, runs_dir / f"{arm.label}-s{seed}") for arm, seed in planned]
+    entries = []
+    for number, ((arm, seed), config) in enumerate(zip(planned, configs), start=1):
+        out = Path(config.out)
+        summary_file = out / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            check_same_settings(TrainConfig.from_dict(summary["config"]), config, out)
+            log(f"[{number}/{len(planned)}] {arm.label} seed {seed}: done earlier, kept ({out})")
+        else:
+            resume = checkpoint_path(out).is_file()
+            if resume:
+                check_same_settings(resume_config(out), config, out)
+            log(f"[{number}/{len(planned)}] {arm.label} seed {seed}: {'resuming' if resume else 'training'} "
+                f"{preset.iterations} iterations on {preset.data} -> {out}")
+            summary = train(config, resume=resume, progress=progress)
+            log(f"    train error {100 * summary['train_top1_error']:.2f}%, test error "
+                f"{100 * summary['test_top1_error']:.2f}%, {summary['wall_seconds']:.0f} s")
+        entries.append(run_entry(arm, seed, summary, out))
+    return entries
+
+
+def check_same_settings(found: TrainConfig, wanted: TrainConfig, out: Path) -> None:
+    """A run directory from other settings must not pass for this experiment's run."""
+    found_values, wanted_values = found.to_dict(), wanted.to_dict()
+    differing = sorted(key for key in wanted_values if key != "out" and found_values.get(key) != wanted_values[key])
+    if differing:
+        details = ", ".join(f"{key} {found_values.get(key)!r} (wanted {wanted_values[key]!r})" for key in differing)
+        raise ValueError(f"{out} holds a run with other settings: {details}; delete it or use another --out")
+
+
+def run_entry(arm: Arm, seed: int, summary: dict, out: Path) -> dict:
+    """A run as results.json records it: the final errors, the size of the network and its curves."""
+    model, _ = load_model(out)
+    train_curve, test_curve = read_curves(out / "metrics.jsonl")
+    return {
+        "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "seed": seed,
+        "iterations": summary["iterations"], "final_train_error": summary["train_top1_error"],
+        "final_test_error": summary["test_top1_error"], "params": sum(p.numel() for p in model.parameters()),
+        "wall_seconds": summary["wall_seconds"], "run_dir": str(out), "data_note": summary["data_note"],
+        "curves": {"train_error": train_curve, "test_error": test_curve},
+    }
+
+
+def read_curves(metrics: Path) -> tuple[list[list[float]], list[list[float]]]:
+    """[iteration, error] pairs: the running training error of each log line and the test error of evaluations."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train_curve = [[r["iteration"], r["train_error"]] for r in records]
+    test_curve = [[r["iteration"], r["test_error"]] for r in records if "test_error" in r]
+    return train_curve, test_curve
+
+
+def hardware() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_results(out: Path, preset: Preset, runs: list[dict], started: float, command: str, **extra) -> dict:
+    results = {
+        "experiment": preset.experiment, "preset": asdict(preset), "command": command, "hardware": hardware(),
+        "data_note": runs[0]["data_note"] if runs else None,
+        "wall_seconds": time.perf_counter() - started,
+        "training_seconds": sum(run["wall_seconds"] for run in runs), "runs": runs, **extra,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RESULTS_NAME, results)
+    return results
+
+
+def read_results(out: str | Path) -> dict:
+    path = Path(out) / RESULTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `resnetlab reproduce EXPERIMENT --out {out}` first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(results, dict) or "experiment" not in results or "runs" not in results:
+        raise ValueError(f"{path} is not a resnetlab results file (no 'experiment' and 'runs' entries)")
+    return results

@@ -1,0 +1,195 @@
+"""The paper's experiments end to end on a tiny budget (digits, a few iterations), checking the files they write
+and the numbers in them. The networks are trained once per module: later experiments reuse the degradation
+experiment's runs through `runs_dir`, which is itself one of the things tested."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab.cli import main
+from resnetlab.experiments import EXPERIMENTS, reproduce
+from resnetlab.experiments.degradation import effect_verdict
+from resnetlab.experiments.responses import response_stds
+from resnetlab.models import create_model
+from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_TEST_ERROR, IMAGENET_GFLOPS, SHORTCUT_TOP1_ERROR
+
+ITERATIONS = 6
+# Two test-error evaluations and one checkpoint per run: the tests check the files, not the curves' resolution.
+TINY = dict(iterations=ITERATIONS, evaluations=2, checkpoints=1)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_KEYS = {"model", "seed", "iterations", "final_train_error", "final_test_error", "curves"}
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def degradation(tmp_path_factory, runs_dir) -> Path:
+    out = tmp_path_factory.mktemp("degradation")
+    tiny("degradation", out, runs_dir, depths=(20, 32), seeds=2)
+    return out
+
+
+def tiny(experiment: str, out: Path, runs_dir: Path, **overrides) -> None:
+    """Run `experiment` at the tiny budget, without output, training into (or reusing from) `runs_dir`."""
+    preset = replace(EXPERIMENTS[experiment].PRESET, **TINY)
+    reproduce(experiment, out, preset=preset, runs_dir=runs_dir, progress=False, log=lambda line: None, **overrides)
+
+
+def read_results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as image:
+        image.verify()
+        assert min(image.size) >= 300  # a readable figure, not a placeholder
+
+
+def test_table1_measures_imagenet_nets_beside_the_paper(tmp_path):
+    reproduce("table1", tmp_path, depths=(18, 50), log=lambda line: None)
+    rows = {row["name"]: row for row in read_results(tmp_path)["table1"]}
+    assert set(rows) == {"resnet18", "resnet50", "plain18", "plain50"}
+    assert rows["resnet18"]["params"] == 11_689_512  # torchvision's count
+    # Paper Table 1 (stride on the first 1x1): 1.8 and 3.8 GFLOPs; torchvision's placement costs 4.09 for 50.
+    assert rows["resnet18"]["gmacs_stride_on_1x1"] == pytest.approx(IMAGENET_GFLOPS[18], rel=0.02)
+    assert rows["resnet50"]["gmacs_stride_on_1x1"] == pytest.approx(IMAGENET_GFLOPS[50], rel=0.03)
+    assert rows["resnet50"]["gmacs_stride_on_3x3"] == pytest.approx(4.09, abs=0.01)
+    assert rows["plain50"]["paper_gflops"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "| resnet50 | 50 | 25.56 M | 3.858 | 4.089 | 3.8 |" in report
+    assert "![" in report and "(table1.png)" in report
+    assert_valid_png(tmp_path / "table1.png")
+
+
+def test_degradation_writes_runs_curves_report_and_plot(degradation, runs_dir):
+    results = read_results(degradation)
+    runs = results["runs"]
+    assert [(r["label"], r["seed"]) for r in runs] == [
+        (label, seed) for seed in (0, 1) for label in ("plain20", "plain32", "resnet20", "resnet32")]
+    for run in runs:
+        assert RUN_KEYS <= set(run) and run["iterations"] == ITERATIONS
+        assert 0 <= run["final_train_error"] <= 1 and 0 <= run["final_test_error"] <= 1
+        summary = json.loads((runs_dir / f"{run['label']}-s{run['seed']}" / "summary.json").read_text())
+        assert run["final_train_error"] == summary["train_top1_error"]
+        train_curve, test_curve = run["curves"]["train_error"], run["curves"]["test_error"]
+        assert [i for i, _ in train_curve] == list(range(1, ITERATIONS + 1))
+        assert test_curve[-1] == [ITERATIONS, pytest.approx(run["final_test_error"])]
+    assert runs[0]["params"] == runs[2]["params"] == 269_434  # plain20 and resnet20 (option A adds nothing)
+    report = (degradation / "report.md").read_text()
+    plain20 = [r["final_train_error"] for r in runs if r["label"] == "plain20"]
+    mean = sum(plain20) / 2
+    std = math.sqrt(sum((e - mean) ** 2 for e in plain20))  # sample std of two values
+    assert f"| plain20 | 0.27 M | {100 * mean:.2f} ± {100 * std:.2f} |" in report
+    assert f"| {CIFAR_TEST_ERROR[20]:.2f} |" in report and f"| {CIFAR_TEST_ERROR[32]:.2f} |" in report
+    assert "resnet32 minus resnet20" in report and "mean ± std over 2 seeds" in report
+    assert f"torch {torch.__version__}" in report and f"{os.cpu_count()} cores" in report
+    assert_valid_png(degradation / "degradation.png")
+
+
+def test_degradation_rerun_reuses_runs_and_refuses_other_settings(degradation, runs_dir):
+    before = read_results(degradation)["runs"]
+    lines = []
+    preset = replace(EXPERIMENTS["degradation"].PRESET, **TINY)
+    reproduce("degradation", degradation, preset=preset, depths=(20, 32), seeds=2, runs_dir=runs_dir,
+              progress=False, log=lines.append)
+    assert len(lines) == 8 and all("done earlier, kept" in line for line in lines)
+    assert read_results(degradation)["runs"] == before
+    with pytest.raises(ValueError, match=r"plain20-s0 holds a run with other settings: .*iterations"):
+        reproduce("degradation", degradation, preset=preset, depths=(20,), iterations=ITERATIONS + 1,
+                  runs_dir=runs_dir, progress=False, log=lines.append)
+
+
+def test_report_command_rerenders_from_results_json(degradation, capsys):
+    (degradation / "report.md").unlink()
+    (degradation / "degradation.png").unlink()
+    assert main(["report", str(degradation)]) == 0
+    assert "Degradation" in (degradation / "report.md").read_text()
+    assert_valid_png(degradation / "degradation.png")
+    assert main(["report", str(degradation / "nothing-here")]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
+
+
+def fake_runs(plain_gaps: list[float], residual_gaps: list[float]) -> list[dict]:
+    runs = []
+    for seed, (plain_gap, residual_gap) in enumerate(zip(plain_gaps, residual_gaps)):
+        for model, error in (("plain20", 0.1), ("plain56", 0.1 + plain_gap), ("resnet20", 0.05),
+                             ("resnet56", 0.05 + residual_gap)):
+            runs.append({"model": model, "seed": seed, "final_train_error": error})
+    return runs
+
+
+def test_effect_verdict_needs_every_seed_to_show_the_plain_gap():
+    shown, sentence = effect_verdict(fake_runs([0.2, 0.1], [0.0, -0.01]))
+    assert shown is True and "+15.00 ± 7.07 points" in sentence and "-0.50 ± 0.71" in sentence
+    shown, sentence = effect_verdict(fake_runs([0.2, -0.01], [0.0, 0.0]))
+    assert shown is False and "does not show" in sentence and "plain56 is not above plain20 in every seed" in sentence
+    shown, sentence = effect_verdict(fake_runs([0.2, 0.1], [0.02, 0.0]))
+    assert shown is False and "resnet56 ends above resnet20 on average" in sentence
+
+
+def test_shortcuts_compares_options_and_the_plain_net(tmp_path, degradation, runs_dir):
+    tiny("shortcuts", tmp_path, runs_dir, depths=(20,))
+    runs = {run["label"]: run for run in read_results(tmp_path)["runs"]}
+    assert list(runs) == ["plain20", "resnet20-A", "resnet20-B", "resnet20-C"]
+    assert runs["plain20"]["params"] == runs["resnet20-A"]["params"]  # A: parameter-free shortcuts
+    assert runs["resnet20-A"]["params"] < runs["resnet20-B"]["params"] < runs["resnet20-C"]["params"]
+    report = (tmp_path / "report.md").read_text()
+    for option, error in SHORTCUT_TOP1_ERROR.items():
+        assert f"| {option} | " in report and f"| {error:.2f} |" in report
+    assert_valid_png(tmp_path / "shortcuts.png")
+
+
+def test_depth_reuses_trained_runs_and_reports_params(tmp_path, degradation, runs_dir):
+    tiny("depth", tmp_path, runs_dir, depths=(20, 32), seeds=2)
+    results = read_results(tmp_path)
+    assert results["training_seconds"] > 0 and results["wall_seconds"] < results["training_seconds"]  # reused
+    params = {run["model"]: run["params"] for run in results["runs"]}
+    for depth in (20, 32):  # 1-channel input: a few hundred fewer than the paper's 3-channel nets
+        assert params[f"resnet{depth}"] == pytest.approx(CIFAR_PARAMS_M[depth] * 1e6, rel=0.02)
+    report = (tmp_path / "report.md").read_text()
+    assert "| 8.75 |" in report and "| 7.51 |" in report
+    assert_valid_png(tmp_path / "depth.png")
+
+
+def test_response_stds_are_the_bn_outputs_before_relu_and_addition():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1).eval()
+    images = torch.randn(16, 1, 8, 8)
+    stds = response_stds(model, images)
+    assert len(stds) == 18  # 9 blocks of two 3x3 layers
+    with torch.no_grad():
+        stem = model.relu(model.bn1(model.conv1(images)))
+        block = model.layer1[0]
+        first = block.bn1(block.conv1(stem))
+        second = block.bn2(block.conv2(block.relu(first.clone())))
+    assert stds[:2] == pytest.approx([first.std().item(), second.std().item()], rel=1e-5)
+
+
+def test_responses_reports_layer_stds_of_trained_nets(tmp_path, degradation, runs_dir):
+    tiny("responses", tmp_path, runs_dir, depths=(20, 32), seeds=2)
+    results = read_results(tmp_path)
+    assert results["held_out_images"] == 360  # digits' test split, all of it
+    for run in results["runs"]:
+        depth = int(run["model"].removeprefix("plain").removeprefix("resnet"))
+        assert len(run["response_std"]) == depth - 2  # every layer but the stem conv and the fc and all(s > 0 for s in run["response_std"])
+    report = (tmp_path / "report.md").read_text()
+    assert "Fig. 7" in report and "resnet20" in report and "vs plain20" in report
+    assert_valid_png(tmp_path / "responses.png")
+
+
+def test_unknown_experiment_and_bad_depth_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown experiment 'fig9'"):
+        reproduce("fig9", tmp_path)
+    assert main(["reproduce", "depth", "--out", str(tmp_path), "--depths", "21"]) == 2
+    assert "--model 'resnet21' is not a named model" in capsys.readouterr().err

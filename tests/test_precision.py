@@ -1,0 +1,74 @@
+"""bf16 keeps the residual stream in fp32, and fp32 computes exactly what it did before that change."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnetlab import models
+from resnetlab.models import BasicBlock, Bottleneck, create_model
+
+
+def plain_sum(block, branch, x):
+    """add_shortcut as it was: the sum in the operands' dtype."""
+    if not block.residual:
+        return branch
+    return branch + (x if block.downsample is None else block.downsample(x))
+
+
+def forward_and_gradients(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    logits = model(x)
+    F.cross_entropy(logits, torch.arange(len(x)) % logits.shape[1]).backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("resnet20", {}, 32),                     # option A: zero-padded identity
+    ("resnet20", {"shortcut": "C"}, 32),      # projections on every block
+    ("resnet50", {}, 32),                     # bottlenecks, option B, ImageNet stem
+])
+def test_fp32_logits_and_gradients_are_bit_identical_to_the_plain_sum(monkeypatch, name, kwargs, size):
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).train()
+    x = torch.randn(4, 3, size, size)
+    logits, grads = forward_and_gradients(model, x)
+    monkeypatch.setattr(models, "add_shortcut", plain_sum)
+    plain_logits, plain_grads = forward_and_gradients(model, x)
+    assert torch.equal(logits, plain_logits)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+def test_bf16_autocast_runs_convs_in_bf16_and_the_residual_stream_in_fp32(name):
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(module_name):
+        return lambda module, inputs, output: dtypes.__setitem__(module_name, output.dtype)
+
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, BasicBlock, Bottleneck)):
+            module.register_forward_hook(record(module_name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    blocks = {n for n, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))}
+    convs = set(dtypes) - blocks
+    assert blocks and convs
+    assert {dtypes[n] for n in blocks} == {torch.float32}
+    assert {dtypes[n] for n in convs} == {torch.bfloat16}
+
+
+def test_a_model_in_double_keeps_a_double_stream():
+    model = create_model("resnet20").double().eval()
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_a_plain_network_adds_nothing_and_keeps_the_convs_dtype():
+    torch.manual_seed(0)
+    block = create_model("plain20").layer1[0].train()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.bfloat16  # no addition happened, so nothing was promoted
