@@ -106,6 +106,14 @@ def new_figure(columns: int = 1, rows: int = 1, size: tuple[float, float] | None
     return figure, axes
 
 
+def label_axes(ax, xlabel: str, ylabel: str, legend_size: float | None = None) -> None:
+    """The finish every plot shares: axis labels, a light grid and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def save_figure(figure, out: Path, name: str, caption: str) -> str:
     """Save as OUT/NAME and return the Markdown that shows it."""
     import matplotlib.pyplot as plt

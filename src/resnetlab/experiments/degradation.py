@@ -11,7 +11,7 @@ from pathlib import Path
 
 from resnetlab.experiments.runner import Arm, Preset
 from resnetlab.paper import CIFAR_TEST_ERROR
-from resnetlab.report import group_by_label, markdown_table, mean_curve, mean_std, new_figure, percent, save_figure
+from resnetlab.report import group_by_label, label_axes, markdown_table, mean_curve, mean_std, new_figure, percent, save_figure
 
 TITLE = "Degradation: plain vs residual nets of increasing depth (paper Fig. 6)"
 PRESET = Preset("degradation", depths=(20, 32, 44, 56), iterations=2000)
@@ -85,11 +85,8 @@ def plot_curves(runs: list[dict], out: Path) -> str:
             ax.plot(*mean_curve(group, "train_error"), "--", color=colour, linewidth=1, label=f"{label} train")
             ax.plot(*mean_curve(group, "test_error"), "-", color=colour, linewidth=2, label=f"{label} test")
         ax.set_title("plain networks" if kind == "plain" else "residual networks (ResNets)")
-        ax.set_xlabel("iterations")
-        ax.set_ylabel("error (%)")
         ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        label_axes(ax, "iterations", "error (%)", legend_size=7)
     return save_figure(figure, out, "degradation.png",
                        "Training error (dashed, running mean of the training batches) and test error (bold) "
                        "against iterations, mean over seeds. Left: plain nets; right: ResNets (paper Fig. 6).")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from resnetlab.experiments.runner import Arm, Preset
 from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_TEST_ERROR
-from resnetlab.report import group_by_label, markdown_table, mean_std, new_figure, percent, save_figure
+from resnetlab.report import group_by_label, label_axes, markdown_table, mean_std, new_figure, percent, save_figure
 
 TITLE = "Error against depth (paper Table 6)"
 PRESET = Preset("depth", depths=(20, 32, 44, 56, 110), iterations=2000)
@@ -50,10 +50,7 @@ def plot_depth(groups: dict[str, list[dict]], out: Path) -> str:
     ax.plot(paper_depths, [CIFAR_TEST_ERROR[d] for d in paper_depths], "k^:", label="paper test error (CIFAR-10)")
     ax.set_xscale("log")
     ax.set_xticks(depths, [str(d) for d in depths])
-    ax.set_xlabel("layers")
-    ax.set_ylabel("error (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_axes(ax, "layers", "error (%)")
     return save_figure(figure, out, "depth.png",
                        "Final error against depth (mean over seeds; bars: std), beside the paper's CIFAR-10 test "
                        "errors (Table 6).")

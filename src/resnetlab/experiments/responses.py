@@ -20,7 +20,7 @@ from resnetlab.data.batches import evaluation_batches
 from resnetlab.data.formats import load_dataset
 from resnetlab.experiments.runner import Arm, Preset
 from resnetlab.models import BasicBlock
-from resnetlab.report import group_by_label, markdown_table, new_figure, save_figure
+from resnetlab.report import group_by_label, label_axes, markdown_table, new_figure, save_figure
 
 TITLE = "Layer responses of plain and residual nets (paper Fig. 7)"
 PRESET = Preset("responses", depths=(20, 56), iterations=2000)
@@ -104,10 +104,7 @@ def plot_responses(means: dict[str, list[float]], out: Path) -> str:
         axes[0][0].plot(range(1, len(stds) + 1), stds, **style)
         axes[1][0].plot(range(1, len(stds) + 1), sorted(stds, reverse=True), **style)
     for ax, order in zip((axes[0][0], axes[1][0]), ("layer index (original order)", "layer index (sorted by std)")):
-        ax.set_xlabel(order)
-        ax.set_ylabel("std of the response")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_axes(ax, order, "std of the response", legend_size=8)
     return save_figure(figure, out, "responses.png",
                        "Standard deviation of each 3x3 layer's response on held-out images: in layer order (top) "
                        "and sorted (bottom); plain nets dashed, ResNets solid (paper Fig. 7).")

@@ -11,7 +11,7 @@ from resnetlab.complexity import complexity, native_input_size
 from resnetlab.experiments.runner import Arm, Preset
 from resnetlab.models import IMAGENET_LAYERS, create_model
 from resnetlab.paper import IMAGENET_GFLOPS
-from resnetlab.report import markdown_table, new_figure, save_figure
+from resnetlab.report import label_axes, markdown_table, new_figure, save_figure
 
 TITLE = "Complexity of the ImageNet ResNets (paper Table 1)"
 PRESET = Preset("table1", depths=tuple(IMAGENET_LAYERS))
@@ -56,10 +56,7 @@ def plot_complexity(results: dict, out: Path) -> str:
     ax.plot(depths, [r["gmacs_stride_on_1x1"] for r in resnets], "o-", label="measured, stride on 1x1 (paper)")
     ax.plot(depths, [r["gmacs_stride_on_3x3"] for r in resnets], "s--", label="measured, stride on 3x3 (torchvision)")
     ax.plot(depths, [r["paper_gflops"] for r in resnets], "k^:", label="paper Table 1")
-    ax.set_xlabel("layers")
-    ax.set_ylabel("multiply-adds (G) per 224x224 image")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_axes(ax, "layers", "multiply-adds (G) per 224x224 image")
     return save_figure(figure, out, "table1.png",
                        "Multiply-adds of the ImageNet ResNets against depth, measured with both stride placements, "
                        "beside the paper's Table 1.")
