@@ -53,7 +53,7 @@ def test_fast_bf16_path_returns_fp32_logits_close_to_fp32():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        logits = fast_inference(model)(x)
+        logits = fast_inference(model, precision="bf16")(x)
     assert logits.dtype == torch.float32
     assert ((logits - expected).norm() / expected.norm()).item() < 0.05  # bf16 keeps ~3 significant digits
 

@@ -32,7 +32,7 @@ from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
 from resnetlab.export import fast_inference
 from resnetlab.models import create_model, model_family
-from resnetlab.precision import autocast, cpu_has_bf16, memory_format
+from resnetlab.precision import autocast, bf16_is_faster, cpu_has_bf16, memory_format
 from resnetlab.recipes import RECIPES, TrainConfig
 
 SYNTHETIC_IMAGES = 2048
@@ -202,7 +202,7 @@ def bench_infer(model_name: str, batch_size: int = 16, seconds: float = 30.0, co
     input_size = native_input_size(model_family(model_name))
     macs = complexity(model, input_size).macs
     fast = fast_inference(model, compile=compile)
-    precision = "bf16" if cpu_has_bf16() else "fp32"
+    precision = "bf16" if bf16_is_faster() else "fp32"
     paths = {"reference (fp32, NCHW, eager)": model,
              f"resnetlab fast path (BN folded, channels_last, {precision}{', compiled' if compile else ''})": fast,
              **(more_paths(model) if more_paths else {})}

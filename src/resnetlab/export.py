@@ -21,7 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from resnetlab.checkpoint import load_model
 from resnetlab.complexity import native_input_size
 from resnetlab.models import model_family
-from resnetlab.precision import cpu_has_bf16
+from resnetlab.precision import bf16_is_faster
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -69,10 +69,10 @@ class FastInference(nn.Module):
 
 
 def fast_inference(model: nn.Module, *, precision: str = "auto", compile: bool = False) -> nn.Module:
-    """`model` as the fast path; precision "auto" is bf16 where the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    """`model` as the fast path; precision "auto" is bf16 where it is faster than fp32 (AMX)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision={precision!r} is not valid; choose auto, bf16 or fp32")
-    bf16 = cpu_has_bf16() if precision == "auto" else precision == "bf16"
+    bf16 = bf16_is_faster() if precision == "auto" else precision == "bf16"
     fast = FastInference(model, bf16=bf16).eval()
     return torch.compile(fast) if compile else fast
 

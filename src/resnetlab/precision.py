@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,13 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 convolutions natively (oneDNN on AVX512-BF16 or AMX); elsewhere bf16 is
     emulated and slower than fp32."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def bf16_is_faster() -> bool:
+    """Whether bf16 should be the fast path: only with AMX tiles. With AVX512-BF16 alone, oneDNN's bf16 kernels
+    measured 0.83-0.96x fp32 for training and inference (docs/benchmarks.md, section 0)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpu_has_bf16() and cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
