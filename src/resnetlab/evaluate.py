@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path, load_model
-from resnetlab.data.augment import CenterCrop, Normalize, _resized_size, resize_shorter, ten_crops
+from resnetlab.data.augment import CenterCrop, Normalize, resized_size, resize_shorter, ten_crops
 from resnetlab.data.batches import evaluation_batches, padding_for
 from resnetlab.data.formats import ArrayDataset, FolderDataset, load_dataset, parse_spec
 from resnetlab.precision import autocast, pick_device
@@ -140,7 +140,7 @@ class FolderTenCrops:
         self.resize, self.crop = resize, crop
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        resized = img.convert("RGB").resize(_resized_size(img.width, img.height, self.resize), Image.BILINEAR)
+        resized = img.convert("RGB").resize(resized_size(img.width, img.height, self.resize), Image.BILINEAR)
         pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
         return ten_crops(pixels[None], self.crop)[:, 0]
 

@@ -168,7 +168,7 @@ class Normalize:
         return f"Normalize(mean={tuple(self.mean.shape)}, std={std})"
 
 
-def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     """(width, height) after scaling so the shorter side is `shorter`, keeping the aspect ratio."""
     if width <= height:
         return shorter, max(shorter, round(height * shorter / width))
@@ -233,7 +233,7 @@ class ScaleAugment:
     def sample(self, width: int, height: int) -> ScaleCropParams:
         """Draw the resize, crop position and flip for an image of this size (advances the generator)."""
         rng = self._generator()
-        resized = _resized_size(width, height, rng.randint(self.min_size, self.max_size))
+        resized = resized_size(width, height, rng.randint(self.min_size, self.max_size))
         left = rng.randint(0, resized[0] - self.crop)
         top = rng.randint(0, resized[1] - self.crop)
         return ScaleCropParams(resized, left, top, self.flip and rng.random() < 0.5)
@@ -255,7 +255,7 @@ class CenterCrop:
         self.resize, self.crop = resize, crop
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        resized = _resized_size(img.width, img.height, self.resize)
+        resized = resized_size(img.width, img.height, self.resize)
         left, top = (resized[0] - self.crop) // 2, (resized[1] - self.crop) // 2
         return _resized_crop(img, resized, left, top, self.crop, flip=False)
 
@@ -292,7 +292,7 @@ def resize_shorter(images: torch.Tensor, size: int) -> torch.Tensor:
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     h, w = images.shape[-2:]
-    new_w, new_h = _resized_size(w, h, size)
+    new_w, new_h = resized_size(w, h, size)
     if (new_h, new_w) == (h, w):
         return images
     return F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=size < min(h, w))
