@@ -20,7 +20,6 @@ An ensemble averages the softmax scores of several checkpoints, each with its ow
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -124,13 +123,10 @@ def mode_batches(data: ArrayDataset | FolderDataset, mode: str, batch_size: int,
                 images = ten_crops(F.pad(images, (pad, pad, pad, pad)), size)
             yield images, labels
         return
-    count = len(data) if limit is None else min(limit, len(data))
-    loaded = copy.copy(data)
-    loaded.transform = FolderTenCrops() if mode == "10crop" else None
-    subset = torch.utils.data.Subset(loaded, range(count))
-    for images, labels in torch.utils.data.DataLoader(subset, batch_size=batch_size if mode == "10crop" else 1,
-                                                      num_workers=workers, timeout=300 if workers else 0):
-        yield (images.transpose(0, 1) if mode == "10crop" else images), labels
+    ten_crop = mode == "10crop"
+    for images, labels in evaluation_batches(data, batch_size if ten_crop else 1, workers, limit,
+                                             folder_transform=FolderTenCrops() if ten_crop else None):
+        yield (images.transpose(0, 1) if ten_crop else images), labels
 
 
 class FolderTenCrops:

@@ -9,7 +9,7 @@ number of processes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -93,15 +93,17 @@ def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: in
 
 
 def evaluation_batches(data: ArrayDataset | FolderDataset, batch_size: int, workers: int = 0,
-                       limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches in order, without augmentation (folder images: resize 256, center 224 crop)."""
+                       limit: int | None = None, *, folder_transform: Callable | None = CenterCrop()
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches in order, without augmentation. Folder images go through `folder_transform` (by default
+    resize 256 and center 224 crop; None keeps each image whole, which needs batch_size 1 as sizes differ)."""
     count = len(data) if limit is None else min(limit, len(data))
     if isinstance(data, ArrayDataset):
         for first in range(0, count, batch_size):
             yield data.images[first:first + batch_size], data.labels[first:first + batch_size]
         return
-    centered = copy.copy(data)
-    centered.transform = CenterCrop()
-    subset = torch.utils.data.Subset(centered, range(count))
+    viewed = copy.copy(data)
+    viewed.transform = folder_transform
+    subset = torch.utils.data.Subset(viewed, range(count))
     yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
                                            timeout=300 if workers else 0)
