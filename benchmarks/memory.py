@@ -2,9 +2,9 @@
 
 Each configuration runs in a fresh subprocess (ru_maxrss is a per-process high-water mark) that takes `--steps`
 SGD steps of the project's training step on random images and reports resource.getrusage's ru_maxrss. The ratio
-is to the first configuration of the same model. With checkpointing, each stage is cut into about sqrt(blocks)
-segments (torch.utils.checkpoint.checkpoint_sequential): only the segment boundaries are kept for the backward
-pass, and each segment's forward runs again during it (about 1/3 more compute).
+is to the first configuration of the same model. "+checkpointing" is `resnetlab train --activation-checkpointing`
+(`model.activation_checkpointing = True`): each stage is cut into about sqrt(blocks) segments, only the segment
+boundaries are kept for the backward pass, and each segment's forward runs again during it (about 1/3 more compute).
 
     python benchmarks/memory.py --models resnet110 resnet1202 --configs fp32 bf16 bf16+checkpointing
 
@@ -14,14 +14,12 @@ that much free memory.
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint_sequential
 
 from resnetlab.models import create_model
 from resnetlab.precision import autocast
@@ -29,25 +27,18 @@ from resnetlab.precision import autocast
 CONFIGS = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing")
 
 
-def checkpointed_forward(model, x: torch.Tensor) -> torch.Tensor:
-    """ResNet.forward with every stage run as checkpointed segments."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    for stage in model.stages():
-        x = checkpoint_sequential(stage, max(1, round(math.sqrt(len(stage)))), x, use_reentrant=False)
-    return model.fc(torch.flatten(model.avgpool(x), 1))
-
-
 def measure(model_name: str, config: str, batch_size: int, steps: int) -> dict:
     precision, _, checkpointing = config.partition("+")
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=10).to(memory_format=torch.channels_last).train()
+    model.activation_checkpointing = bool(checkpointing)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(steps):
         with autocast(torch.device("cpu"), precision):
-            logits = checkpointed_forward(model, x) if checkpointing else model(x)
+            logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

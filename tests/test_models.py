@@ -185,6 +185,29 @@ def test_gradients_reach_the_stem(name):
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_activation_checkpointing_recomputes_blocks_and_changes_no_number():
+    torch.manual_seed(0)
+    kept = resnetlab.create_model("resnet32")  # 5 blocks a stage: segments of 2, 2 and 1
+    recomputed = resnetlab.create_model("resnet32")
+    recomputed.load_state_dict(kept.state_dict())
+    recomputed.activation_checkpointing = True
+    calls = []
+    recomputed.layer2[4].conv1.register_forward_hook(lambda *_: calls.append(1))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for model in (kept, recomputed):
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert len(calls) == 2  # once forward, once again in backward
+    for (name, a), b in zip(kept.named_parameters(), recomputed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    # BN running statistics: one momentum update per step, not a second one from the recomputation
+    for (name, a), b in zip(kept.named_buffers(), recomputed.buffers()):
+        assert torch.equal(a, b), name
+    recomputed.eval()
+    with torch.no_grad():
+        recomputed(x)
+    assert len(calls) == 3  # evaluation keeps nothing for backward, so it computes each block once
+
+
 def test_resnet1202_parameter_count():
     assert n_params(resnetlab.create_model("resnet1202")) == CIFAR_PARAMS["resnet1202"]
 

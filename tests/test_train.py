@@ -19,6 +19,7 @@ from run_helpers import (assert_same_tensors, logged_iterations, model_weights, 
                          write_png_folder)
 from safetensors.torch import load_file
 
+import resnetlab.models as models
 import resnetlab.train as training
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, load_model
 from resnetlab.cli import main as cli_main
@@ -108,6 +109,17 @@ def test_same_seed_same_weights_other_seed_other_weights(finished_run, tmp_path)
     train(replace(config, out=str(tmp_path / "seed1"), seed=1), progress=False)
     other, ours = model_weights(tmp_path / "seed1"), model_weights(config.out)
     assert not torch.equal(other["conv1.weight"], ours["conv1.weight"])
+
+
+def test_activation_checkpointing_trains_the_same_weights(finished_run, tmp_path, monkeypatch):
+    config, _ = finished_run
+    stages = []
+    checkpointed_stage = models.checkpointed_stage
+    monkeypatch.setattr(models, "checkpointed_stage", lambda *args: stages.append(1) or checkpointed_stage(*args))
+    summary = train(replace(config, out=str(tmp_path / "out"), activation_checkpointing=True), progress=False)
+    assert len(stages) == 3 * config.recipe.iterations  # every stage of every training step was recomputed
+    assert summary["config"]["activation_checkpointing"] is True
+    assert_same_tensors(model_weights(tmp_path / "out"), model_weights(config.out))
 
 
 class Interrupt(Exception):

@@ -11,16 +11,22 @@ so a torchvision checkpoint loads with strict=True. The paper's options are cons
 - ``stride_in_1x1=True`` puts a bottleneck's stride-2 on its first 1x1 conv, as the paper does ("v1", 3.86 GMACs
   for 50 layers); the default puts it on the 3x3 as torchvision does ("v1.5", 4.09 GMACs).
 - ``stem="cifar"`` gives the CIFAR networks of Sec. 4.2: a 3x3 conv stem, no max-pool, three stages of 16/32/64 filters.
+
+Not a paper option but a way to compute: ``model.activation_checkpointing = True`` trades one extra forward per
+training step for memory (each stage's blocks are recomputed in backward instead of kept), with the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SHORTCUTS = ("A", "B", "C")
 STEMS = ("imagenet", "cifar")
@@ -151,6 +157,7 @@ class ResNet(nn.Module):
         if len(widths) != len(layers):
             raise ValueError(f"widths {widths} and layers {layers} must have the same length (one per stage)")
         self.residual, self.shortcut, self.stride_in_1x1, self.stem = residual, shortcut, stride_in_1x1, stem
+        self.activation_checkpointing = False  # see the module docstring; not in the state_dict
 
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
@@ -202,9 +209,35 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for stage in self.stages():
-            x = stage(x)
+            x = checkpointed_stage(stage, x) if recompute else stage(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def checkpointed_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run `stage` as about sqrt(len) segments that keep only their inputs; backward recomputes the rest.
+    That cuts a stage's activation memory from O(n) blocks to O(sqrt(n))."""
+    size = max(1, round(math.sqrt(len(stage))))
+    for start in range(0, len(stage), size):
+        segment = stage[start:start + size]
+        x = checkpoint(segment, x, use_reentrant=False,
+                       context_fn=lambda segment=segment: (contextlib.nullcontext(), unchanged_bn_statistics(segment)))
+    return x
+
+
+@contextlib.contextmanager
+def unchanged_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """The recomputation runs every BN forward a second time in training mode, which would update its running
+    statistics twice per step; put them back as they were before it."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 def check_choice(argument: str, value: object, valid: tuple) -> None:

@@ -84,6 +84,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader processes for image-folder data
     download: bool = False
     sync_bn: bool = False  # distributed runs: batch statistics over all processes
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +183,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
     for owner, name in ((config, "channels_last"), (config, "compile"), (config, "download"), (config, "sync_bn"),
-                        (r, "per_channel_std")):
+                        (config, "activation_checkpointing"), (r, "per_channel_std")):
         if not isinstance(getattr(owner, name), bool):
             raise ValueError(f"--{flag(name)} must be true or false, got {getattr(owner, name)!r}")
     if config.shortcut not in (None, *SHORTCUTS):

@@ -166,6 +166,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     if state is not None:
         restore_weights(network, state, checkpoint_path(out), model_name=config.model)
     network = network.to(device, memory_format=memory_format(config.channels_last))
+    network.activation_checkpointing = config.activation_checkpointing
     model = distributed.wrap(network, context, device, config.sync_bn)
     recipe = config.recipe
     optimizer = torch.optim.SGD(network.parameters(), lr=recipe.lr, momentum=recipe.momentum,
