@@ -157,7 +157,7 @@ def test_predict_gives_the_models_top_five_scores(run, trained, tmp_path):
     inputs = torch.stack([test.images[0], test.images[1], torch.from_numpy(np.array(gray))[None],
                           torch.from_numpy(np.array(wide))[None]])
     expected = softmax(model, normalize(inputs))
-    predictions = predict(run, paths, device="cpu")
+    predictions = predict(run, paths, device="cpu", precision="fp32")  # "auto" may pick bf16 (AMX CPUs)
     assert len(predictions) == 4
     for ranking, scores in zip(predictions, expected):
         assert len(ranking) == 5
@@ -165,8 +165,18 @@ def test_predict_gives_the_models_top_five_scores(run, trained, tmp_path):
         assert list(names) == [str(i) for i in scores.topk(5).indices.tolist()]
         assert list(probabilities) == pytest.approx(scores.topk(5).values.tolist(), abs=1e-5)
         assert list(probabilities) == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
-    every_class = predict(run, paths[:1], k=50, device="cpu")[0]
+    every_class = predict(run, paths[:1], k=50, device="cpu", precision="fp32")[0]
     assert len(every_class) == 10 and sum(p for _, p in every_class) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_in_bf16_keeps_the_fp32_ranking_head(run, trained, tmp_path):
+    paths = write_pngs(tmp_path / "images", trained[2])
+    exact = predict(run, paths, k=1, device="cpu", precision="fp32")
+    rounded = predict(run, paths, k=1, device="cpu", precision="bf16")
+    assert [r[0][0] for r in rounded] == [e[0][0] for e in exact]
+    assert [r[0][1] for r in rounded] == pytest.approx([e[0][1] for e in exact], abs=0.02)
+    with pytest.raises(ValueError, match="precision='fp16' is not valid; choose auto, bf16 or fp32"):
+        predict(run, paths, precision="fp16")
 
 
 def test_predict_names_an_unreadable_file(run, tmp_path):

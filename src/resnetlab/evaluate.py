@@ -33,6 +33,7 @@ from resnetlab.checkpoint import checkpoint_path, load_model
 from resnetlab.data.augment import CenterCrop, Normalize, resized_size, resize_shorter, ten_crops
 from resnetlab.data.batches import evaluation_batches, padding_for
 from resnetlab.data.formats import ArrayDataset, FolderDataset, load_dataset, parse_spec
+from resnetlab.export import check_inference_precision, fast_inference
 from resnetlab.precision import autocast, pick_device
 
 MODES = ("center", "10crop", "multiscale")
@@ -224,16 +225,19 @@ def prediction_input(path: str | Path, channels: int, side: int, border: float) 
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
-            device: str = "auto") -> list[list[tuple[str, float]]]:
+            device: str = "auto", precision: str = "auto") -> list[list[tuple[str, float]]]:
     """The k most probable (class name, probability) of each image, most probable first.
 
     Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
     the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
     sees its validation view (shorter side 256, central 224); a small-image model the central square resized.
+    The model runs as `export.fast_inference`: BN folded, channels_last, and with precision "auto" bf16 only where
+    the CPU has AMX.
     """
     if k < 1:
         raise ValueError(f"--top must be >= 1, got {k}")
     target = pick_device(device)
+    check_inference_precision(precision)  # before any image is read
     model, state = load_model(checkpoint)
     normalize = Normalize.from_state_dict(state["normalize"])
     channels = state["model_kwargs"].get("in_channels", 3)
@@ -242,7 +246,7 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     validation = CenterCrop()
     border = (1 - validation.crop / validation.resize) / 2 if spec and parse_spec(spec)[0] == "folder" else 0.0
     images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
-    scores = model.to(target)(normalize(images.to(target))).float().softmax(1).cpu()
+    scores = fast_inference(model.to(target), precision=precision)(normalize(images.to(target))).softmax(1).cpu()
     top = scores.topk(min(k, scores.shape[1]), dim=1)
     return [[(state["classes"][i], p) for i, p in zip(indices.tolist(), probs.tolist())]
             for indices, probs in zip(top.indices, top.values)]
