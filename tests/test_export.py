@@ -58,6 +58,18 @@ def test_fast_bf16_path_returns_fp32_logits_close_to_fp32():
     assert ((logits - expected).norm() / expected.norm()).item() < 0.05  # bf16 keeps ~3 significant digits
 
 
+@pytest.mark.slow  # compiling takes 30 s to minutes on 2 cores
+def test_compiled_fast_path_freezes_weights_and_matches_within_1e_4():
+    torch.manual_seed(0)
+    model = with_trained_looking_bn(create_model("resnet20"))
+    x = torch.randn(8, 3, 32, 32)
+    compiled = fast_inference(model, precision="fp32", compile=True)
+    with torch.inference_mode():
+        expected, logits = model(x), compiled(x)
+    assert torch._inductor.config.freezing
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
 def test_fast_inference_rejects_an_unknown_precision():
     with pytest.raises(ValueError, match="precision='fp16' is not valid"):
         fast_inference(create_model("resnet20"), precision="fp16")

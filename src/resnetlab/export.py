@@ -73,9 +73,15 @@ def fast_inference(model: nn.Module, *, precision: str = "auto", compile: bool =
     check_inference_precision(precision)
     bf16 = bf16_is_faster() if precision == "auto" else precision == "bf16"
     fast = FastInference(model, bf16=bf16).eval()
+    if not compile:
+        return fast
     # Freezing turns the weights into constants, so Inductor can pre-pack them for oneDNN once: 34 vs 29 images/s
-    # for resnet50 on 2 cores (docs/benchmarks.md).
-    return torch.compile(fast, options={"freezing": True}) if compile else fast
+    # for resnet50 on 2 cores (docs/benchmarks.md). It is read when the first call compiles, so it is set for the
+    # process (torch.compile's options= did not reach it); Inductor applies it to graphs without gradients only.
+    import torch._inductor.config  # imported here: loading Inductor costs seconds that eager use should not pay
+
+    torch._inductor.config.freezing = True
+    return torch.compile(fast)
 
 
 def check_inference_precision(precision: str) -> None:
