@@ -213,6 +213,19 @@ def test_folder_with_broken_images_skips_them(tmp_path, data, count):
             assert image.dtype == torch.uint8 and image.shape[0] == 3 and label in (0, 1)
 
 
+def test_folder_skips_a_png_whose_header_pillow_rejects_with_value_error(tmp_path):
+    # Found by the fuzzing above: an IHDR length of 0 makes Pillow raise ValueError, not OSError.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "good.png").write_bytes(png_bytes(0))
+    header_zeroed = bytearray(png_bytes(1))
+    header_zeroed[8:12] = b"\0\0\0\0"
+    (tmp_path / "a" / "zero-ihdr.png").write_bytes(bytes(header_zeroed))
+    dataset = FolderDataset(tmp_path, None)
+    assert [path.name for path, _ in dataset.samples] == ["good.png"]
+    assert [(path.name, reason) for path, reason in dataset.skipped] == [
+        ("zero-ihdr.png", "not an image: Truncated IHDR chunk")]
+
+
 def test_folder_skips_an_image_too_large_to_decode(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "ok.png").write_bytes(png_bytes(0))

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path, load_model
 from resnetlab.data.augment import CenterCrop, Normalize, resized_size, resize_shorter, ten_crops
 from resnetlab.data.batches import evaluation_batches, padding_for
-from resnetlab.data.formats import ArrayDataset, FolderDataset, load_dataset, parse_spec
+from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, FolderDataset, load_dataset, parse_spec
 from resnetlab.export import check_inference_precision, fast_inference
 from resnetlab.precision import autocast, pick_device
 
@@ -216,7 +216,7 @@ def prediction_input(path: str | Path, channels: int, side: int, border: float) 
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except (*PILLOW_DECODE_ERRORS, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read {path} as an image: {error}") from None
     square = ImageOps.fit(img, (side, side), Image.BILINEAR, bleed=border)
     pixels = torch.from_numpy(np.array(square))

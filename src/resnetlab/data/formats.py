@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 KINDS = ("cifar10", "cifar100", "mnist", "folder", "digits")
 SPEC_FORMS = "cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH, digits"
@@ -151,7 +151,7 @@ class FolderDataset(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as img:
                     image = img.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
+            except (*PILLOW_DECODE_ERRORS, Image.DecompressionBombError) as error:
                 warnings.warn(f"{path}: cannot decode ({error}); using the next image instead", RuntimeWarning,
                               stacklevel=2)
                 continue
@@ -166,6 +166,11 @@ class FolderDataset(torch.utils.data.Dataset):
         return part
 
 
+# What Pillow raises for a damaged file besides OSError (UnidentifiedImageError is one): ValueError for a PNG whose
+# IHDR chunk claims length 0, SyntaxError for a broken chunk; both found by fuzzing (tests/test_bad_input.py).
+PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
 def _unreadable_reason(path: Path) -> str | None:
     """Why Pillow cannot use ``path`` (judged from its header only), or None if it looks like an image."""
     if path.stat().st_size == 0:
@@ -173,7 +178,7 @@ def _unreadable_reason(path: Path) -> str | None:
     try:
         with Image.open(path):
             return None
-    except (UnidentifiedImageError, OSError) as error:
+    except PILLOW_DECODE_ERRORS as error:
         return f"not an image: {error}"
     except Image.DecompressionBombError as error:  # a header claiming gigapixels: decoding it could exhaust memory
         return f"too large: {error}"
