@@ -149,7 +149,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR/MNIST if missing")
     p.add_argument("--sync-bn", action="store_true", default=None, help="distributed: BN statistics over all processes")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="keep fewer activations, recompute them in backward (resnet1202 at batch 128: 4.4 GiB instead of 12.4)")
+                   help="keep fewer activations, recompute them in backward "
+                   "(resnet1202 at batch 128: 4.4 GiB instead of 12.4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
