@@ -28,8 +28,9 @@ from resnetlab.data.formats import FolderDataset, load_dataset, read_idx
 from resnetlab.models import create_model
 from resnetlab.recipes import RECIPE_KEYS, RUN_KEYS, TrainConfig, resolve_config, validate
 
-# Each case gets 2 s; a few dozen cases per reader keep the file at seconds.
-FUZZ = settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# No per-case deadline: a case that once took 4.8 s on a quiet machine (the first call after start-up) failed the
+# suite although the reader behaved; speed is not what these tests check.
+FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @st.composite
