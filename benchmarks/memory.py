@@ -13,16 +13,16 @@ that much free memory.
 """
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
+from resnetlab.bench import train_step
 from resnetlab.models import create_model
-from resnetlab.precision import autocast
 
 CONFIGS = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing")
 
@@ -36,13 +36,9 @@ def measure(model_name: str, config: str, batch_size: int, steps: int) -> dict:
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    batches = itertools.repeat((x, y))
     for _ in range(steps):
-        with autocast(torch.device("cpu"), precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, batches, precision=precision, layout=torch.channels_last)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"model": model_name, "config": config, "peak_rss_gib": peak / 2**20, "before_steps_gib": before / 2**20}
 
