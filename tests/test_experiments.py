@@ -22,7 +22,7 @@ from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_TEST_ERROR, IMAGENET_GFLOPS, S
 
 ITERATIONS = 6
 # Two test-error evaluations and one checkpoint per run: the tests check the files, not the curves' resolution.
-TINY = dict(iterations=ITERATIONS, evaluations=2, checkpoints=1)
+TINY = dict(iterations=ITERATIONS, evaluations=2, checkpoint_every=ITERATIONS)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"model", "seed", "iterations", "final_train_error", "final_test_error", "curves"}
 

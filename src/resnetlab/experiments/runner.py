@@ -47,15 +47,15 @@ class Preset:
     iterations: int = 1000
     seeds: int = 1  # seeds 0 .. seeds-1
     depths: tuple[int, ...] = (20, 32, 44, 56)
-    evaluations: int = 10  # test-error points along each curve (the last one is the final test error)
+    evaluations: int = 20  # test-error points along each curve (the last one is the final test error)
     curve_points: int = 100  # training-error points along each curve
-    checkpoints: int = 4  # an interrupted run resumes from the last of these (each is an fsync'ed file)
+    checkpoint_every: int = 500  # an interrupted run resumes from its last checkpoint, losing fewer iterations
 
     def configure(self, arm: Arm, seed: int, out: Path) -> TrainConfig:
         return resolve_config(self.recipe, model=arm.model, shortcut=arm.shortcut, data=self.data, out=str(out),
                               iterations=self.iterations, seed=seed,
                               eval_every=max(1, self.iterations // self.evaluations),
-                              checkpoint_every=max(1, self.iterations // self.checkpoints),
+                              checkpoint_every=min(self.checkpoint_every, self.iterations),
                               log_every=max(1, self.iterations // self.curve_points))
 
 
