@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from resnetlab.experiments.runner import Arm, Preset
-from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_TEST_ERROR
+from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_REPRODUCTION_TEST_ERROR, CIFAR_TEST_ERROR
 from resnetlab.report import group_by_label, label_axes, markdown_table, mean_std, new_figure, percent, save_figure
 
 TITLE = "Error against depth (paper Table 6)"
@@ -31,10 +31,12 @@ def report(results: dict, out: Path) -> str:
     for label, group in groups.items():
         depth = depth_of(group[0])
         rows.append([label, depth, f"{group[0]['params'] / 1e6:.3f} M", f"{CIFAR_PARAMS_M.get(depth, '—')} M",
-                     percent([r["final_train_error"] for r in group]), percent([r["final_test_error"] for r in group]),
-                     CIFAR_TEST_ERROR.get(depth, "—")])
-    table = markdown_table(["network", "layers", "params", "paper params", "final train error %",
-                            "final test error %", "paper CIFAR-10 test error %"], rows)
+                     f"{group[0]['iterations']:,}", percent([r["final_train_error"] for r in group]),
+                     percent([r["final_test_error"] for r in group]), CIFAR_TEST_ERROR.get(depth, "—"),
+                     CIFAR_REPRODUCTION_TEST_ERROR.get(depth, "—")])
+    table = markdown_table(["network", "layers", "params", "paper params", "iterations", "final train error %",
+                            "final test error %", "paper CIFAR-10 test error %",
+                            "best-known reproduction, CIFAR-10 test error %"], rows)
     return "## Final errors\n\n" + table + "\n## Plot\n\n" + plot_depth(groups, out)
 
 
