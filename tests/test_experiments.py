@@ -41,7 +41,7 @@ def degradation(tmp_path_factory, runs_dir) -> Path:
 
 def tiny(experiment: str, out: Path, runs_dir: Path, **overrides) -> None:
     """Run `experiment` at the tiny budget, without output, training into (or reusing from) `runs_dir`."""
-    preset = replace(EXPERIMENTS[experiment].PRESET, **TINY)
+    preset = replace(EXPERIMENTS[experiment].preset, **TINY)
     reproduce(experiment, out, preset=preset, runs_dir=runs_dir, progress=False, log=lambda line: None, **overrides)
 
 
@@ -100,7 +100,7 @@ def test_degradation_writes_runs_curves_report_and_plot(degradation, runs_dir):
 def test_degradation_rerun_reuses_runs_and_refuses_other_settings(degradation, runs_dir):
     before = read_results(degradation)["runs"]
     lines = []
-    preset = replace(EXPERIMENTS["degradation"].PRESET, **TINY)
+    preset = replace(EXPERIMENTS["degradation"].preset, **TINY)
     reproduce("degradation", degradation, preset=preset, depths=(20, 32), seeds=2, runs_dir=runs_dir,
               progress=False, log=lines.append)
     assert len(lines) == 8 and all("done earlier, kept" in line for line in lines)

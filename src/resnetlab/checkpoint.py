@@ -7,13 +7,14 @@ it: `format`, `model_name`, `model_kwargs` (what create_model needs), `classes`,
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from resnetlab.files import write_atomically
 
 FORMAT = "resnetlab-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -30,24 +31,8 @@ def checkpoint_path(path: str | Path) -> Path:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` so that `path` holds either the previous checkpoint or this one, never a partial file:
-    write a temporary file beside it, fsync it, rename it over `path`, fsync the directory."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".partial")
-    try:
-        with temporary.open("wb") as file:
-            torch.save({"format": FORMAT, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """Write `state` so that `path` holds either the previous checkpoint or this one, never a partial file."""
+    write_atomically(path, lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -96,7 +96,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from resnetlab.report import render_report
+    from resnetlab.experiments import render_report
 
     print(f"wrote {render_report(args.dir)} and its figures from {args.dir}/results.json")
     return 0

@@ -1,8 +1,6 @@
-"""results.json -> report.md and its figures; `resnetlab report DIR` re-renders them without training anything.
-
-The header (what was run, on what hardware, how long it took) is the same for every experiment; the body (tables
-beside the paper's figures, the plots) is written by the experiment's own module. The helpers below are what
-those modules share: mean and spread over seeds, Markdown tables, matplotlib figures saved with the Agg backend.
+"""What every experiment's report.md shares: the header (what was run, on what hardware, how long it took), mean
+and spread over seeds, Markdown tables, matplotlib figures saved with the Agg backend. The body of a report is
+written by the experiment's own module; `experiments.render_report` puts the two together.
 """
 
 from __future__ import annotations
@@ -11,22 +9,6 @@ import statistics
 from pathlib import Path
 
 REPORT_NAME = "report.md"
-
-
-def render_report(out: str | Path) -> Path:
-    """Write DIR/report.md and DIR/*.png from DIR/results.json; return the report's path."""
-    from resnetlab.experiments import EXPERIMENTS
-    from resnetlab.experiments.runner import read_results
-
-    out = Path(out)
-    results = read_results(out)
-    name = results["experiment"]
-    if name not in EXPERIMENTS:
-        raise ValueError(f"{out}/results.json is from experiment {name!r}, which is not one of {', '.join(EXPERIMENTS)}")
-    experiment = EXPERIMENTS[name]
-    report = out / REPORT_NAME
-    report.write_text(header(results, experiment.TITLE) + experiment.report(results, out))
-    return report
 
 
 def header(results: dict, title: str) -> str:

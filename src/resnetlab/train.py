@@ -25,6 +25,7 @@ from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches, evaluation_batches, folder_batches, padding_for
 from resnetlab.data.formats import ArrayDataset, DataSplits, load_dataset
 from resnetlab.evaluate import class_probabilities, top_k_error
+from resnetlab.files import write_json_atomically
 from resnetlab.models import MODELS, create_model
 from resnetlab.precision import autocast, memory_format, pick_device
 from resnetlab.progress import Progress
@@ -249,7 +250,7 @@ def finish(run: Run, wall_seconds: float) -> dict:
         "config": config.to_dict(),
     }
     out = Path(config.out)
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomically(out / "summary.json", summary)
     export_safetensors(run.network, out / "model.safetensors",
                        metadata={"model": config.model, "model_kwargs": json.dumps(run.model_kwargs)})
     return summary
@@ -297,12 +298,6 @@ def logged_at_most(line: str, iteration: int) -> bool:
         return line.endswith("\n") and json.loads(line)["iteration"] <= iteration
     except (json.JSONDecodeError, KeyError, TypeError):
         return False
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def resume_config(out: str | Path) -> TrainConfig:

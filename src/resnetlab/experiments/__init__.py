@@ -1,4 +1,5 @@
-"""The paper's experiments, one module each: its preset (data), its arms (the networks it trains) and its report.
+"""The paper's experiments, one module each, ending in its `Experiment`: the preset (data), the arms (the
+networks it trains), what it computes from them and its report.
 
     reproduce("degradation", "out/deg", data="mnist:../shared/data/mnist", iterations=1000, seeds=2)
 
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from resnetlab.experiments import degradation, depth, responses, shortcuts, table1
-from resnetlab.experiments.runner import Preset, check_preset, train_arms, write_results
-from resnetlab.report import render_report
+from resnetlab.experiments.runner import Preset, check_preset, read_results, train_arms, write_results
+from resnetlab.report import REPORT_NAME, header
 
-EXPERIMENTS = {module.PRESET.experiment: module for module in (table1, degradation, shortcuts, depth, responses)}
+EXPERIMENTS = {module.EXPERIMENT.name: module.EXPERIMENT
+               for module in (table1, degradation, shortcuts, depth, responses)}
 
 # Calibrated on digits (docs/reproduction.md, "Calibrating the demo budget"): ResNet-56 learns slowly on 8x8 images
 # and reaches ResNet-20's 0% training error only at about 2,000 iterations (0.90% at 1,000, 0.14% at 1,500), while
@@ -37,20 +39,33 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
     overrides = {"data": data, "iterations": iterations, "seeds": seeds, "depths": depths}
-    preset = replace(preset or experiment.PRESET, **{k: v for k, v in overrides.items() if v is not None})
+    preset = replace(preset or experiment.preset, **{k: v for k, v in overrides.items() if v is not None})
     check_preset(preset)
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     started = time.perf_counter()
     arms = experiment.arms(preset)
     runs = train_arms(preset, arms, runs_dir, progress=progress, log=log)
-    extra = experiment.analyse(preset, runs) if hasattr(experiment, "analyse") else {}
+    extra = experiment.analyse(preset, runs)
     training = f" --data {preset.data} --iterations {preset.iterations} --seeds {preset.seeds}" if arms else ""
     command = command or (f"resnetlab reproduce {name} --out {out}{training} "
                           f"--depths {','.join(map(str, preset.depths))}")
     results = write_results(out, preset, runs, started, command, **extra)
     render_report(out)
     return results
+
+
+def render_report(out: str | Path) -> Path:
+    """Write DIR/report.md and DIR/*.png from DIR/results.json; return the report's path."""
+    out = Path(out)
+    results = read_results(out)
+    name = results["experiment"]
+    if name not in EXPERIMENTS:
+        raise ValueError(f"{out}/results.json is from experiment {name!r}, which is not one of {', '.join(EXPERIMENTS)}")
+    experiment = EXPERIMENTS[name]
+    report = out / REPORT_NAME
+    report.write_text(header(results, experiment.title) + experiment.report(results, out))
+    return report
 
 
 def demo(out: str | Path = DEMO_OUT, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resnetlab.experiments.runner import Arm, Preset
+from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.paper import CIFAR_TEST_ERROR
 from resnetlab.report import group_by_label, label_axes, markdown_table, mean_curve, mean_std, new_figure, percent, save_figure
 
@@ -99,3 +99,6 @@ def report(results: dict, out: Path) -> str:
             "The final training error is measured in eval mode on the whole (un-augmented) training set; the "
             "curves' training error is the running error of the augmented training batches, as in the paper.\n\n"
             "## Does the degradation problem show?\n\n" + verdict + "\n\n## Curves\n\n" + plot_curves(runs, out))
+
+
+EXPERIMENT = Experiment(TITLE, PRESET, arms, report)

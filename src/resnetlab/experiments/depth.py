@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resnetlab.experiments.runner import Arm, Preset
+from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_REPRODUCTION_TEST_ERROR, CIFAR_TEST_ERROR
 from resnetlab.report import group_by_label, label_axes, markdown_table, mean_std, new_figure, percent, save_figure
 
@@ -56,3 +56,6 @@ def plot_depth(groups: dict[str, list[dict]], out: Path) -> str:
     return save_figure(figure, out, "depth.png",
                        "Final error against depth (mean over seeds; bars: std), beside the paper's CIFAR-10 test "
                        "errors (Table 6).")
+
+
+EXPERIMENT = Experiment(TITLE, PRESET, arms, report)

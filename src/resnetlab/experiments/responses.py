@@ -18,7 +18,7 @@ from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import evaluation_batches
 from resnetlab.data.formats import load_dataset
-from resnetlab.experiments.runner import Arm, Preset
+from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.models import BasicBlock
 from resnetlab.report import group_by_label, label_axes, markdown_table, new_figure, save_figure
 
@@ -108,3 +108,6 @@ def plot_responses(means: dict[str, list[float]], out: Path) -> str:
     return save_figure(figure, out, "responses.png",
                        "Standard deviation of each 3x3 layer's response on held-out images: in layer order (top) "
                        "and sorted (bottom); plain nets dashed, ResNets solid (paper Fig. 7).")
+
+
+EXPERIMENT = Experiment(TITLE, PRESET, arms, report, analyse)

@@ -20,7 +20,8 @@ import torch
 
 from resnetlab.checkpoint import checkpoint_path, load_model
 from resnetlab.recipes import TrainConfig, resolve_config
-from resnetlab.train import resume_config, train, write_json_atomic
+from resnetlab.files import write_json_atomically
+from resnetlab.train import resume_config, train
 
 RESULTS_NAME = "results.json"
 
@@ -57,6 +58,26 @@ class Preset:
                               eval_every=max(1, self.iterations // self.evaluations),
                               checkpoint_every=min(self.checkpoint_every, self.iterations),
                               log_every=max(1, self.iterations // self.curve_points))
+
+
+def no_analysis(preset: Preset, runs: list[dict]) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One of the paper's experiments: its default preset, the networks it trains, what it computes from the trained
+    runs (added to results.json) and the body of its report (tables beside the paper's figures, plots)."""
+
+    title: str
+    preset: Preset
+    arms: Callable[[Preset], list[Arm]]
+    report: Callable[[dict, Path], str]
+    analyse: Callable[[Preset, list[dict]], dict] = no_analysis
+
+    @property
+    def name(self) -> str:
+        return self.preset.experiment
 
 
 def check_preset(preset: Preset) -> None:
@@ -146,7 +167,7 @@ def write_results(out: Path, preset: Preset, runs: list[dict], started: float, c
         "training_seconds": sum(run["wall_seconds"] for run in runs), "runs": runs, **extra,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RESULTS_NAME, results)
+    write_json_atomically(out / RESULTS_NAME, results)
     return results
 
 

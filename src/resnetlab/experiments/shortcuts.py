@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resnetlab.experiments.runner import Arm, Preset
+from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.models import SHORTCUTS
 from resnetlab.paper import SHORTCUT_TOP1_ERROR
 from resnetlab.report import group_by_label, markdown_table, mean_std, new_figure, percent, save_figure
@@ -56,3 +56,6 @@ def plot_errors(groups: dict[str, list[dict]], out: Path) -> str:
     return save_figure(figure, out, "shortcuts.png",
                        "Final training and test error of the plain net and of ResNets with shortcut options A, B "
                        "and C (mean over seeds; bars: std).")
+
+
+EXPERIMENT = Experiment(TITLE, PRESET, arms, report)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from resnetlab.complexity import complexity, native_input_size
-from resnetlab.experiments.runner import Arm, Preset
+from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.models import IMAGENET_LAYERS, create_model
 from resnetlab.paper import IMAGENET_GFLOPS
 from resnetlab.report import label_axes, markdown_table, new_figure, save_figure
@@ -60,3 +60,6 @@ def plot_complexity(results: dict, out: Path) -> str:
     return save_figure(figure, out, "table1.png",
                        "Multiply-adds of the ImageNet ResNets against depth, measured with both stride placements, "
                        "beside the paper's Table 1.")
+
+
+EXPERIMENT = Experiment(TITLE, PRESET, arms, report, analyse)
