@@ -110,9 +110,14 @@ def model_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out)["model"]
 
 
-def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+def differing_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors whose values differ; both must hold the same names."""
     assert first.keys() == second.keys()
-    differing = [name for name in first if not torch.equal(first[name], second[name])]
+    return [name for name in first if not torch.equal(first[name], second[name])]
+
+
+def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    differing = differing_tensors(first, second)
     assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"
 
 
