@@ -1,28 +1,38 @@
-"""create_model(weights=): the weights a model starts from (a resnetlab run, or a torchvision-format file), and
-freezing the backbone.
+"""Starting from other weights: create_model(weights=), train --init and --freeze-backbone; and --tensorboard.
 
 The torchvision files are made here from the parity fixture's key names and shapes (torchvision's own, recorded
-from real torchvision in fixtures/torchvision_resnets.json), filled with its deterministic weights.
+from real torchvision in fixtures/torchvision_resnets.json), filled with its deterministic weights. The fine-tuning
+on real images reads a few hundred CIFAR-10 test images from ../shared/data/cifar10 and writes them as a folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
+import shutil
+import sys
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from run_helpers import assert_same_tensors, differing_tensors, model_weights, tiny_config
+from run_helpers import (assert_same_tensors, differing_tensors, model_weights, read_metrics, tiny_config,
+                         write_png_folder)
 from test_torchvision_parity import FIXTURE, deterministic
 from torch import nn
 
+import resnetlab.train as training
 from resnetlab.checkpoint import CheckpointError, load_weights
+from resnetlab.cli import main as cli_main
 from resnetlab.models import create_model
-from resnetlab.train import train
+from resnetlab.train import prepare, resume_config, train
 
+CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 CLASSIFIER = ["fc.weight", "fc.bias"]
 
 
@@ -170,3 +180,153 @@ def test_a_frozen_backbone_keeps_its_bn_statistics_whoever_calls_train():
     F.cross_entropy(model(3 * torch.randn(8, 3, 32, 32) + 1), torch.arange(8) % 3).backward()
     assert [name for name, parameter in model.named_parameters() if parameter.grad is not None] == CLASSIFIER
     assert differing_tensors(model.state_dict(), before) == []  # running means, variances and counters included
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train --init, --freeze-backbone
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_classes", [1000, 2])
+def test_init_loads_a_torchvision_file_into_the_run_and_records_it(tmp_path, caplog, file_classes):
+    path = tmp_path / "resnet18.pth"
+    state = torchvision_state_dict("resnet18", num_classes=file_classes)
+    torch.save(state, path)
+    write_png_folder(tmp_path / "images")  # 2 classes
+    config = tiny_config(tmp_path / "out", model="resnet18", data=f"folder:{tmp_path / 'images'}", init=str(path))
+    run = prepare(config, resume=False)
+    loaded = run.network.state_dict()
+    if file_classes == 2:
+        assert_same_tensors(loaded, state)
+        assert run.init["adapted"] == []
+    else:
+        assert_same_tensors(loaded, {**state, **fresh_classifier("resnet18", num_classes=2)})
+        assert run.init["adapted"] == ["fc re-initialised for 2 classes (the file's has 1000)"]
+        assert "fc re-initialised for 2 classes" in caplog.text
+    assert run.init["path"] == str(path.resolve())
+    assert run.init["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_freeze_backbone_changes_no_tensor_but_fc(digits_run, tmp_path):
+    config = tiny_config(tmp_path / "out", iterations=10, init=str(digits_run), freeze_backbone=True)
+    train(config, progress=False)
+    assert differing_tensors(model_weights(config.out), model_weights(digits_run)) == CLASSIFIER
+
+
+@pytest.mark.skipif(not CIFAR_DIR.is_dir(), reason=f"the CIFAR-10 images are not in {CIFAR_DIR}")
+def test_fine_tuning_resnet18_on_real_cifar_images_with_a_frozen_backbone(resnet18_file, tmp_path, caplog):
+    path, state = resnet18_file
+    images = tmp_path / "cifar-folder"
+    write_cifar_test_images(images, per_class=20)  # 200 images: 160 train / 40 test
+    out, settings = tmp_path / "out", tmp_path / "evaluation.toml"
+    settings.write_text("eval_batch_size = 40\ntrain_eval_size = 16\n")
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(["train", "--model", "resnet18", "--data", f"folder:{images}", "--init", str(path),
+                         "--freeze-backbone", "--per-channel-std", "--lr", "0.01", "--iterations", "3",
+                         "--batch-size", "8", "--workers", "0", "--config", str(settings), "--out", str(out),
+                         "--quiet"]) == 0
+    assert f"weights file {path}: fc re-initialised for 10 classes (the file's has 1000)" in caplog.text
+    initial_fc = fresh_classifier("resnet18", num_classes=10)
+    assert differing_tensors(model_weights(out), {**state, **initial_fc}) == CLASSIFIER  # the classifier did learn
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["init"] == {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                               "adapted": ["fc re-initialised for 10 classes (the file's has 1000)"]}
+    assert summary["config"]["freeze_backbone"] is True and "160 train / 40 test" in summary["data_note"]
+
+
+def write_cifar_test_images(root: Path, per_class: int) -> None:
+    """The first `per_class` CIFAR-10 test images of each class as root/<class>/<index>.jpg (the stored JPEGs)."""
+    with np.load(CIFAR_DIR / "cifar10-jpeg.npz") as data:
+        classes, jpeg, offsets, labels = (data[key] for key in ("classes", "test_jpeg", "test_offsets",
+                                                                 "test_labels"))
+    for label, name in enumerate(classes):
+        (root / str(name)).mkdir(parents=True)
+        for index in np.flatnonzero(labels == label)[:per_class]:
+            (root / str(name) / f"{index:05d}.jpg").write_bytes(jpeg[offsets[index]:offsets[index + 1]].tobytes())
+
+
+def test_init_that_does_not_exist_fails_before_any_work(tmp_path, capsys):
+    missing, out = tmp_path / "missing.pth", tmp_path / "run"
+    assert cli_main(["train", "--model", "resnet20", "--data", "digits", "--init", str(missing), "--out", str(out),
+                     "--quiet"]) == 2
+    assert capsys.readouterr().err == f"resnetlab train: error: weights file {missing.resolve()} does not exist\n"
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A run started with --init: resume, TensorBoard
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def init_run(digits_run, tmp_path_factory) -> tuple[Path, Path]:
+    """20 iterations from the digits run's weights, logged every iteration, also to TensorBoard: (out, init)."""
+    init = tmp_path_factory.mktemp("init") / "source"
+    shutil.copytree(digits_run, init)
+    out = init.parent / "out"
+    train(tiny_config(out, iterations=20, checkpoint_every=10, init=str(init), tensorboard=True), progress=False)
+    return out, init
+
+
+def test_the_tensorboard_scalars_are_the_metrics_records(init_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = init_run
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    records = read_metrics(out)
+    assert set(events.Tags()["scalars"]) == {key for record in records for key in record} - {"iteration"}
+    assert {"lr", "train_loss", "train_error", "test_error", "images_per_second"} <= set(events.Tags()["scalars"])
+    for tag in events.Tags()["scalars"]:
+        logged = [(record["iteration"], record[tag]) for record in records if tag in record]
+        scalars = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert [step for step, _ in scalars] == [step for step, _ in logged]
+        assert [value for _, value in scalars] == pytest.approx([value for _, value in logged], rel=1e-6)  # float32
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_run_started_with_init_resumes_without_the_init_file(init_run, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uninterrupted, first_init = init_run
+    init = tmp_path / "source"
+    shutil.copytree(first_init, init)
+    config = replace(resume_config(uninterrupted), out=str(tmp_path / "out"), init=str(init))
+    lr = training.LrSchedule.lr
+
+    def stop_at_13(schedule, iteration):
+        if iteration == 13:
+            raise Interrupt
+        return lr(schedule, iteration)
+
+    monkeypatch.setattr(training.LrSchedule, "lr", stop_at_13)
+    with pytest.raises(Interrupt):
+        train(config, progress=False)
+    monkeypatch.undo()
+    shutil.rmtree(init)  # the checkpoint holds the weights now
+    summary = train(resume_config(config.out), resume=True, progress=False)
+
+    assert_same_tensors(model_weights(config.out), model_weights(uninterrupted))
+    first = json.loads((uninterrupted / "summary.json").read_text())["init"]
+    assert summary["init"] == {**first, "path": str((init / "checkpoint.pt").resolve())}
+    assert summary["config"]["init"] == str(init)
+    # Iterations 11 to 13 ran twice; TensorBoard, like metrics.jsonl, keeps only the second time.
+    events = EventAccumulator(str(tmp_path / "out" / "tb"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train_loss")] == list(range(1, 21))
+    assert [event.value for event in events.Scalars("train_loss")] == pytest.approx(
+        [record["train_loss"] for record in read_metrics(config.out)], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # how an import fails without tensorboard
+    out = tmp_path / "run"
+    assert cli_main(["train", "--model", "resnet20", "--data", "digits", "--tensorboard", "--out", str(out),
+                     "--quiet"]) == 2
+    assert capsys.readouterr().err == ("resnetlab train: error: --tensorboard needs the tensorboard package: pip "
+                                       "install tensorboard (or pip install 'resnetlab[tensorboard]')\n")
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
