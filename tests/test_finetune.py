@@ -1,4 +1,5 @@
-"""Starting from other weights: create_model(weights=), train --init and --freeze-backbone; and --tensorboard.
+"""Starting from other weights: create_model(weights=), train --init and --freeze-backbone, --tensorboard, and
+torch.hub through hubconf.py.
 
 The torchvision files are made here from the parity fixture's key names and shapes (torchvision's own, recorded
 from real torchvision in fixtures/torchvision_resnets.json), filled with its deterministic weights. The fine-tuning
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
 import sys
 from collections import OrderedDict
 from dataclasses import replace
@@ -29,9 +32,10 @@ from torch import nn
 import resnetlab.train as training
 from resnetlab.checkpoint import CheckpointError, load_weights
 from resnetlab.cli import main as cli_main
-from resnetlab.models import create_model
+from resnetlab.models import create_model, list_models
 from resnetlab.train import prepare, resume_config, train
 
+REPO = Path(__file__).resolve().parents[1]
 CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 CLASSIFIER = ["fc.weight", "fc.bias"]
 
@@ -330,3 +334,39 @@ def test_tensorboard_without_the_package_is_a_clear_error_before_training(tmp_pa
     assert capsys.readouterr().err == ("resnetlab train: error: --tensorboard needs the tensorboard package: pip "
                                        "install tensorboard (or pip install 'resnetlab[tensorboard]')\n")
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.hub
+# --------------------------------------------------------------------------------------------------------------
+
+HUB_LOAD = """
+import importlib.util, sys, torch
+clone, weights, saved = sys.argv[1:]
+model = torch.hub.load(clone, "resnet18", source="local", weights=weights, num_classes=10)
+torch.save(model.state_dict(), saved)
+print(sys.modules["resnetlab.models"].__file__)
+spec = importlib.util.spec_from_file_location("hubconf", clone + "/hubconf.py")
+hub = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hub)
+print(" ".join(name for name in dir(hub) if callable(getattr(hub, name)) and not name.startswith("_")))
+"""
+
+
+def test_torch_hub_loads_from_a_clone_that_is_not_installed(resnet18_file, tmp_path):
+    path, state = resnet18_file
+    clone = tmp_path / "clone"  # what a clone holds that torch.hub reads: hubconf.py and the sources
+    shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(REPO / "hubconf.py", clone)
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", HUB_LOAD, str(clone), str(path), str(tmp_path / "saved.pt")],
+                            capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    module_file, entry_points = result.stdout.splitlines()
+    assert Path(module_file) == clone / "src" / "resnetlab" / "models.py"  # the clone's code, not an installed one
+    assert sorted(entry_points.split()) == sorted(list_models())
+    assert f"weights file {path}: fc re-initialised for 10 classes (the file's has 1000)" in result.stderr
+    loaded = torch.load(tmp_path / "saved.pt", weights_only=True)
+    assert loaded["fc.weight"].shape == (10, 512)
+    assert_same_tensors({key: loaded[key] for key in state if key not in CLASSIFIER},
+                        {key: state[key] for key in state if key not in CLASSIFIER})
