@@ -25,11 +25,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from run_helpers import (assert_same_tensors, differing_tensors, model_weights, read_metrics, tiny_config,
-                         write_png_folder)
+                         train_until, write_png_folder)
 from test_torchvision_parity import FIXTURE, deterministic
 from torch import nn
 
-import resnetlab.train as training
 from resnetlab.checkpoint import CheckpointError, load_weights
 from resnetlab.cli import main as cli_main
 from resnetlab.models import create_model, list_models
@@ -289,28 +288,14 @@ def test_the_tensorboard_scalars_are_the_metrics_records(init_run):
         assert [value for _, value in scalars] == pytest.approx([value for _, value in logged], rel=1e-6)  # float32
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_a_run_started_with_init_resumes_without_the_init_file(init_run, tmp_path, monkeypatch):
+def test_a_run_started_with_init_resumes_without_the_init_file(init_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     uninterrupted, first_init = init_run
     init = tmp_path / "source"
     shutil.copytree(first_init, init)
     config = replace(resume_config(uninterrupted), out=str(tmp_path / "out"), init=str(init))
-    lr = training.LrSchedule.lr
-
-    def stop_at_13(schedule, iteration):
-        if iteration == 13:
-            raise Interrupt
-        return lr(schedule, iteration)
-
-    monkeypatch.setattr(training.LrSchedule, "lr", stop_at_13)
-    with pytest.raises(Interrupt):
-        train(config, progress=False)
-    monkeypatch.undo()
+    train_until(config, 13)
     shutil.rmtree(init)  # the checkpoint holds the weights now
     summary = train(resume_config(config.out), resume=True, progress=False)
 
