@@ -92,6 +92,31 @@ def last_logged_iteration(out: Path) -> int:
     return json.loads(complete[-1])["iteration"] if complete else 0
 
 
+class Interrupt(Exception):
+    """Stops a run in this process as a crash would, between two iterations."""
+
+
+def train_until(config: TrainConfig, iteration: int) -> None:
+    """Train `config` in this process and stop it (Interrupt) as it is about to run `iteration` (0-based)."""
+    from resnetlab import train as training
+
+    lr = training.LrSchedule.lr
+
+    def lr_or_stop(schedule, at: int) -> float:
+        if at == iteration:
+            raise Interrupt
+        return lr(schedule, at)
+
+    training.LrSchedule.lr = lr_or_stop
+    try:
+        training.train(config, progress=False)
+    except Interrupt:
+        return
+    finally:
+        training.LrSchedule.lr = lr
+    raise AssertionError(f"the run ended before iteration {iteration}")
+
+
 def write_png_folder(root: Path, classes: int = 2, per_class: int = 5) -> None:
     """root/<class>/ with small noisy PNGs of one colour per class, plus an empty and a non-image file."""
     rng = np.random.default_rng(0)
@@ -110,9 +135,14 @@ def model_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out)["model"]
 
 
-def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+def differing_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors whose values differ; both must hold the same names."""
     assert first.keys() == second.keys()
-    differing = [name for name in first if not torch.equal(first[name], second[name])]
+    return [name for name in first if not torch.equal(first[name], second[name])]
+
+
+def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    differing = differing_tensors(first, second)
     assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"
 
 

@@ -131,18 +131,20 @@ def test_a_2_process_checkpoint_resumed_by_1_process_ends_where_1_process_all_al
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> tuple[Path, Path]:
-    """Two processes without sync BN, run to the end, recording which processes write checkpoints."""
+    """Two processes without sync BN, run to the end with --tensorboard, recording which processes write
+    checkpoints."""
     out = tmp_path_factory.mktemp("plain") / "out"
     saves = out.parent / "saves.log"
-    torchrun(2, cli_args(out, **RUN), "--record-saves", str(saves))
+    torchrun(2, [*cli_args(out, **RUN), "--tensorboard"], "--record-saves", str(saves))
     return out, saves
 
 
-def test_rank_0_alone_writes_the_checkpoint_once_and_the_metrics(two_processes):
+def test_rank_0_alone_writes_the_checkpoint_once_the_metrics_and_the_tensorboard_events(two_processes):
     out, saves = two_processes
     assert saves.read_text() == "rank 0\n"  # checkpoint_every 0: the final checkpoint only, by rank 0 only
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.safetensors",
-                                                           "summary.json"]
+                                                           "summary.json", "tb"]
+    assert len(list((out / "tb").iterdir())) == 1  # an event file names its process: one file, one writer
     assert [record["iteration"] for record in read_metrics(out)] == list(range(1, ITERATIONS + 1))
     assert load_checkpoint(out)["iteration"] == ITERATIONS
     assert json.loads((out / "summary.json").read_text())["processes"] == 2

@@ -147,6 +147,15 @@ def test_flags_override_the_toml_file_through_the_cli(tmp_path, capsys):
     assert "resnet20 on digits: 4 iterations" in capsys.readouterr().out
 
 
+def test_fine_tuning_settings_from_toml_and_a_path_object(tmp_path):
+    path = write_toml(tmp_path, 'model = "resnet18"\ndata = "digits"\nout = "o"\ninit = "runs/imagenet"\n'
+                                "freeze_backbone = true\ntensorboard = true\n")
+    config = resolve_config("cifar", path)
+    assert (config.init, config.freeze_backbone, config.tensorboard) == ("runs/imagenet", True, True)
+    config = resolve_config(model="resnet18", data="digits", out="o", init=tmp_path / "resnet18.pth")
+    assert config.init == str(tmp_path / "resnet18.pth")  # a string, as the checkpoint and summary.json store it
+
+
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     path = write_toml(tmp_path, 'model = "resnet20"\nlearning_rate = 0.1\n')
     with pytest.raises(ValueError, match=r"unknown setting\(s\) learning_rate; valid: ") as error:
@@ -187,6 +196,13 @@ BAD_SETTINGS = [
     ({"seed": -1}, "--seed must be an integer >= 0, got -1"),
     ({"model": "resnet21"}, "--model 'resnet21' is not a named model; choose one of "),
     ({"data": "svhn:/data"}, "unknown dataset 'svhn:/data': valid kinds are cifar10:PATH"),
+    ({"init": 3}, "--init must be a path (a run directory, checkpoint.pt, model.safetensors or a .pth state_dict), "
+                  "got 3"),
+    ({"init": ""}, "--init must be a path (a run directory, checkpoint.pt, model.safetensors or a .pth state_dict), "
+                   "got ''"),
+    ({"freeze_backbone": True}, "--freeze-backbone needs --init: only loaded weights are worth freezing"),
+    ({"freeze_backbone": "yes", "init": "runs/x"}, "--freeze-backbone must be true or false, got 'yes'"),
+    ({"tensorboard": 1}, "--tensorboard must be true or false, got 1"),
 ]
 
 
@@ -222,6 +238,7 @@ def cli_rejects(tmp_path, monkeypatch, capsys, args: list[str]) -> str:
     (["--precision", "fp16"], "--precision 'fp16' is not valid; choose one of fp32, bf16"),
     (["--recipe", "cifar11"], "--recipe 'cifar11' is not a preset"),
     (["--model", "resnet21"], "--model 'resnet21' is not a named model"),
+    (["--freeze-backbone"], "--freeze-backbone needs --init"),
 ])
 def test_cli_rejects_out_of_range_arguments_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     err = cli_rejects(tmp_path, monkeypatch, capsys, args)

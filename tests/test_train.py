@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from run_helpers import (assert_same_tensors, logged_iterations, model_weights, read_metrics, tiny_config,
-                         write_png_folder)
+                         train_until, write_png_folder)
 from safetensors.torch import load_file
 
 import resnetlab.models as models
@@ -122,24 +122,10 @@ def test_activation_checkpointing_trains_the_same_weights(finished_run, tmp_path
     assert_same_tensors(model_weights(tmp_path / "out"), model_weights(config.out))
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_resume_in_process_gives_the_uninterrupted_weights(finished_run, tmp_path, monkeypatch):
+def test_resume_in_process_gives_the_uninterrupted_weights(finished_run, tmp_path):
     config, _ = finished_run
     config = replace(config, out=str(tmp_path / "out"))
-    lr = training.LrSchedule.lr
-
-    def stop_at_13(schedule, iteration):
-        if iteration == 13:
-            raise Interrupt
-        return lr(schedule, iteration)
-
-    monkeypatch.setattr(training.LrSchedule, "lr", stop_at_13)
-    with pytest.raises(Interrupt):
-        train(config, progress=False)
-    monkeypatch.undo()
+    train_until(config, 13)
     assert load_checkpoint(config.out)["iteration"] == 10 and logged_iterations(config.out) == [5, 10]
     train(training.resume_config(config.out), resume=True, progress=False)
     assert_same_tensors(model_weights(config.out), model_weights(finished_run[0].out))

@@ -1,20 +1,29 @@
-"""Checkpoints: written atomically, read without unpickling arbitrary objects, exported as plain weights.
+"""Checkpoints: written atomically, read without unpickling arbitrary objects, exported as plain weights; and the
+weights a model starts from (`load_weights`: create_model's `weights=`, `train --init`, hubconf.py).
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so `torch.load(weights_only=True)` reads
 it: `format`, `model_name`, `model_kwargs` (what create_model needs), `classes`, `normalize` (the fitted mean),
-`model` (the state_dict), `optimizer`, `schedule`, `iteration`, `rng`, `config` (the resolved TrainConfig).
+`model` (the state_dict), `optimizer`, `schedule`, `iteration`, `rng`, `config` (the resolved TrainConfig), `init`
+(where the starting weights came from, or None).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import pickle
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from resnetlab.files import write_atomically
+
+log = logging.getLogger(__name__)
 
 FORMAT = "resnetlab-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -38,23 +47,32 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint (or the one in a run directory) with weights_only=True; clear errors name the file."""
     path = checkpoint_path(path)
+    state = read_torch_file(path, "checkpoint", map_location)
+    if not is_checkpoint(state):
+        raise CheckpointError(f"{path} is not a resnetlab checkpoint (no format={FORMAT!r} entry)")
+    return state
+
+
+def read_torch_file(path: Path, what: str, map_location: str | torch.device = "cpu") -> object:
+    """torch.load with weights_only=True after checking the zip's CRCs; errors name `what` and the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()  # torch.load skips the CRC checks: a flipped byte would load silently
         if damaged is not None:
             raise zipfile.BadZipFile(f"{damaged} fails its CRC check")
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses any pickled object other than tensors and plain containers.
-        raise CheckpointError(f"checkpoint {path} holds objects that are not weights; refusing to unpickle them "
+        raise CheckpointError(f"{what} {path} holds objects that are not weights; refusing to unpickle them "
                               f"({first_line(error)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first_line(error)}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a resnetlab checkpoint (no format={FORMAT!r} entry)")
-    return state
+        raise CheckpointError(f"{what} {path} is truncated or corrupt: {first_line(error)}") from None
+
+
+def is_checkpoint(content: object) -> bool:
+    return isinstance(content, dict) and content.get("format") == FORMAT
 
 
 def first_line(error: Exception) -> str:
@@ -88,3 +106,138 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, s
 
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, str(path), metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting weights: a resnetlab run, or a torchvision/timm ResNet file (their state_dict keys are ours).
+
+STEM, CLASSIFIER = "conv1.weight", ("fc.weight", "fc.bias")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A file of weights to start a model from, as `read_weights` found it."""
+
+    path: Path
+    sha256: str
+    tensors: dict[str, torch.Tensor]
+    recorded_model: str | None  # the model a resnetlab file says it holds; None for a plain state_dict
+
+    def made_for(self) -> str:
+        """The model the file holds: as recorded, or as its keys and shapes suggest."""
+        name = self.recorded_model or architecture_name(self.tensors)
+        if name is None:
+            return f"no ResNet (its keys: {first_few(list(self.tensors)) or 'none'})"
+        return f"{name} ({inputs_and_classes(self.tensors)})"
+
+    def provenance(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256}
+
+
+def read_weights(source: str | os.PathLike) -> Weights:
+    """The weights in a run directory (its checkpoint.pt), a resnetlab checkpoint.pt or model.safetensors, or a
+    torchvision-format state_dict file (.pth, as torchvision and timm publish them; read with weights_only=True)."""
+    path = checkpoint_path(Path(source).expanduser()).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        tensors, recorded = read_safetensors(path)
+    else:
+        content = read_torch_file(path, "weights file")
+        tensors, recorded = (content["model"], content["model_name"]) if is_checkpoint(content) else (content, None)
+    if not isinstance(tensors, Mapping) or not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
+                                                   for name, tensor in tensors.items()):
+        held = first_few(list(map(str, tensors))) if isinstance(tensors, Mapping) else type(tensors).__name__
+        raise CheckpointError(f"weights file {path} is neither a state_dict (tensors by name) nor a resnetlab "
+                              f"checkpoint; it holds {held}")
+    return Weights(path, hashlib.sha256(path.read_bytes()).hexdigest(), dict(tensors), recorded)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as file:
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"weights file {path} is truncated or corrupt: {first_line(error)}") from None
+    return tensors, metadata.get("model")  # export_safetensors records the model; other files do not
+
+
+def load_weights(model: nn.Module, weights: Weights | str | os.PathLike, model_name: str) -> list[str]:
+    """Copy `weights` (read_weights' result, or what it reads) into `model`, a `model_name` just built. Every tensor
+    must be there with the model's shape, except:
+
+    - the classifier, when the file is for another number of classes: the model's freshly initialised fc stays;
+    - the stem of a 3-channel file in a 1-channel model: conv1's filters are summed over RGB, which computes on a
+      gray image what the RGB filters compute on that image repeated in three channels.
+
+    Returns what was adapted, each also logged as a warning. Anything else that does not fit raises one
+    CheckpointError naming the file, the model it seems to be for and the first keys that differ."""
+    if not isinstance(weights, Weights):
+        weights = read_weights(weights)
+    own, tensors, adapted = model.state_dict(), dict(weights.tensors), []
+    fc_there, fc_here = tensors.get("fc.weight"), own["fc.weight"]
+    if (fc_there is not None and fc_there.dim() == 2 and fc_there.shape[1] == fc_here.shape[1]
+            and len(fc_there) != len(fc_here)):
+        tensors.update({key: own[key] for key in CLASSIFIER})
+        adapted.append(f"fc re-initialised for {len(fc_here)} classes (the file's has {len(fc_there)})")
+    stem_there, stem_here = tensors.get(STEM), own[STEM]
+    if (stem_there is not None and stem_there.dim() == 4 and stem_there.shape[1] == 3
+            and stem_there[:, :1].shape == stem_here.shape):
+        tensors[STEM] = stem_there.sum(1, keepdim=True)
+        adapted.append("conv1 summed over its RGB filters for 1 input channel")
+    for key in own:  # BN's batch counters: files saved before BatchNorm counted batches lack them; they are no weight
+        if key.endswith("num_batches_tracked"):
+            tensors.setdefault(key, own[key])
+    problems = fit_problems(tensors, own)
+    if problems or weights.recorded_model not in (None, model_name):
+        details = f": {'; '.join(problems)}" if problems else ""
+        raise CheckpointError(f"weights file {weights.path} seems to be for {weights.made_for()}, not {model_name} "
+                              f"({inputs_and_classes(own)}){details}")
+    model.load_state_dict(tensors)
+    for note in adapted:
+        log.warning("weights file %s: %s", weights.path, note)
+    return adapted
+
+
+def fit_problems(there: Mapping[str, torch.Tensor], here: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps the tensors `there` from loading strictly `here`: the first few keys of each kind."""
+    missing = [key for key in here if key not in there]
+    unexpected = [key for key in there if key not in here]
+    reshaped = [key for key in here if key in there and there[key].shape != here[key].shape]
+    problems = [f"{kind} {first_few(keys)}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                if keys]
+    if STEM in reshaped and there[STEM].dim() == 4 and there[STEM].shape[1] != here[STEM].shape[1]:
+        reshaped.remove(STEM)
+        problems.append(f"conv1 takes {there[STEM].shape[1]} input channels there and {here[STEM].shape[1]} here "
+                        "(only a 3-channel stem is adapted, to 1 channel, by summing its filters over RGB)")
+    if reshaped:
+        problems.append("shapes (file vs model) " + first_few([f"{key} {list(there[key].shape)} vs "
+                                                                f"{list(here[key].shape)}" for key in reshaped]))
+    return problems
+
+
+def first_few(items: list[str], count: int = 3) -> str:
+    more = f" (and {len(items) - count} more)" if len(items) > count else ""
+    return ", ".join(items[:count]) + more
+
+
+def architecture_name(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The model a ResNet state_dict's keys suggest, e.g. 'resnet50'; None if it has no ResNet keys. Without
+    projection shortcuts a residual net (option A) has a plain net's keys: 'resnet20 or plain20'."""
+    blocks = {tuple(key.split(".")[:2]) for key in tensors if key.startswith("layer") and key.count(".") >= 2}
+    if STEM not in tensors or not blocks:
+        return None
+    depth = (3 if any(key.endswith(".conv3.weight") for key in tensors) else 2) * len(blocks) + 2
+    projections = any(".downsample." in key for key in tensors)
+    return f"resnet{depth}" if projections else f"resnet{depth} or plain{depth}"
+
+
+def inputs_and_classes(tensors: Mapping[str, torch.Tensor]) -> str:
+    stem, fc = tensors.get(STEM), tensors.get("fc.weight")
+    classes = "no fc" if fc is None else f"{len(fc)} classes"
+    if stem is None or stem.dim() != 4:
+        return classes
+    return f"{classes}, {stem.shape[1]} input channel{'s' if stem.shape[1] != 1 else ''}"

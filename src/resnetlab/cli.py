@@ -36,7 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{summary['wall_seconds']:.0f} s ({summary['images_per_second']:.0f} images/s); "
           f"train error {100 * summary['train_top1_error']:.2f}%, test error {100 * summary['test_top1_error']:.2f}% "
           f"(top-5 {100 * summary['test_top5_error']:.2f}%)")
-    print(f"wrote {config.out}/summary.json, checkpoint.pt, model.safetensors, metrics.jsonl")
+    print(f"wrote {config.out}/summary.json, checkpoint.pt, model.safetensors, metrics.jsonl"
+          f"{', tb/' if config.tensorboard else ''}")
     return 0
 
 
@@ -130,11 +131,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="cifar", help="preset: cifar (default) or imagenet")
     p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    p.add_argument("--init", metavar="PATH", help="start from these weights: a run directory, its checkpoint.pt or "
+                   "model.safetensors, or a torchvision/timm state_dict (.pth); an fc for another number of classes "
+                   "is re-initialised")
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="with --init: train the classifier (fc) alone, BN statistics kept as loaded")
     p.add_argument("--iterations", type=int, help="total iterations; the lr milestones scale with it")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--per-channel-std", action=argparse.BooleanOptionalAction, default=None,
+                   help="also divide by each channel's std (unit-variance input, as ImageNet weights expect)")
     p.add_argument("--seed", type=int)
     p.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="residual shortcut option (paper Sec. 3.3)")
@@ -145,6 +153,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="K")
     p.add_argument("--eval-every", type=int, metavar="K")
     p.add_argument("--log-every", type=int, metavar="K")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
     p.add_argument("--workers", type=int, help="DataLoader processes for image folders")
     p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR/MNIST if missing")
     p.add_argument("--sync-bn", action="store_true", default=None, help="distributed: BN statistics over all processes")

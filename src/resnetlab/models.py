@@ -14,12 +14,16 @@ so a torchvision checkpoint loads with strict=True. The paper's options are cons
 
 Not a paper option but a way to compute: ``model.activation_checkpointing = True`` trades one extra forward per
 training step for memory (each stage's blocks are recomputed in backward instead of kept), with the same numbers.
+
+Fine-tuning: ``create_model(name, weights=PATH)`` starts from a resnetlab run or a torchvision/timm file
+(checkpoint.load_weights), and ``model.freeze_backbone()`` leaves only the classifier to train.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -27,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from resnetlab.checkpoint import Weights, load_weights
 
 SHORTCUTS = ("A", "B", "C")
 STEMS = ("imagenet", "cifar")
@@ -158,6 +164,7 @@ class ResNet(nn.Module):
             raise ValueError(f"widths {widths} and layers {layers} must have the same length (one per stage)")
         self.residual, self.shortcut, self.stride_in_1x1, self.stem = residual, shortcut, stride_in_1x1, stem
         self.activation_checkpointing = False  # see the module docstring; not in the state_dict
+        self.backbone_frozen = False  # set by freeze_backbone
 
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
@@ -194,6 +201,23 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.residual_branch_end().weight)
+
+    def freeze_backbone(self) -> None:
+        """Train the classifier (fc) alone: every other parameter stops learning, and every BN normalises with
+        its running statistics and keeps them as they are, in training mode too."""
+        self.backbone_frozen = True
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = name.startswith("fc.")
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ResNet:
+        """As nn.Module.train; with a frozen backbone the BNs stay in eval mode, whoever calls it."""
+        super().train(mode)
+        if self.backbone_frozen:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, name) for name in self.stage_names]
@@ -313,8 +337,19 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
-def create_model(name: str, **kwargs) -> ResNet:
-    """Build a named model, e.g. create_model("resnet56", shortcut="B"); "cifar_resnet"/"cifar_plain" take depth=."""
+def create_model(name: str, weights: str | os.PathLike | Weights | None = None, **kwargs) -> ResNet:
+    """Build a named model, e.g. create_model("resnet56", shortcut="B"); "cifar_resnet"/"cifar_plain" take depth=.
+
+    `weights`: start from a resnetlab run directory, its checkpoint.pt or model.safetensors, or a torchvision-format
+    state_dict (.pth). A file for another number of classes loads all but `fc`, which stays freshly initialised;
+    see checkpoint.load_weights for the rules."""
+    model = build_model(name, **kwargs)
+    if weights is not None:
+        load_weights(model, weights, name)
+    return model
+
+
+def build_model(name: str, **kwargs) -> ResNet:
     if name == "cifar_resnet":
         return cifar_resnet(**kwargs)
     if name == "cifar_plain":
@@ -326,7 +361,7 @@ def create_model(name: str, **kwargs) -> ResNet:
         return MODELS[name][0](**kwargs)
     except TypeError as error:  # an unknown keyword: say which are valid
         raise ValueError(f"{name}: {error}; valid arguments: num_classes, in_channels, shortcut, stride_in_1x1, "
-                         "zero_init_residual, widths") from None
+                         "zero_init_residual, widths, weights") from None
 
 
 def model_family(name: str) -> str:

@@ -85,6 +85,9 @@ class TrainConfig:
     download: bool = False
     sync_bn: bool = False  # distributed runs: batch statistics over all processes
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
+    init: str | None = None  # start from these weights: a run directory, checkpoint.pt, .safetensors or .pth file
+    freeze_backbone: bool = False  # train fc alone (needs init); BN statistics stay as loaded
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars under OUT/tb
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,8 +114,9 @@ def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, *
     if toml_path is not None:
         values.update(read_toml(toml_path))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("out"), os.PathLike):
-        values["out"] = os.fspath(values["out"])  # stored as a string: the config goes into JSON and checkpoints
+    for key in ("out", "init"):  # paths are stored as strings: the config goes into JSON and checkpoints
+        if isinstance(values.get(key), os.PathLike):
+            values[key] = os.fspath(values[key])
     preset_name = values.pop("recipe", recipe)
     if not isinstance(preset_name, str) or preset_name not in RECIPES:
         raise ValueError(f"--recipe {preset_name!r} is not a preset; choose one of {', '.join(RECIPES)}")
@@ -183,9 +187,15 @@ def validate(config: TrainConfig) -> None:
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
     for owner, name in ((config, "channels_last"), (config, "compile"), (config, "download"), (config, "sync_bn"),
-                        (config, "activation_checkpointing"), (r, "per_channel_std")):
+                        (config, "activation_checkpointing"), (config, "freeze_backbone"), (config, "tensorboard"),
+                        (r, "per_channel_std")):
         if not isinstance(getattr(owner, name), bool):
             raise ValueError(f"--{flag(name)} must be true or false, got {getattr(owner, name)!r}")
+    if config.init is not None and (not isinstance(config.init, str) or not config.init):
+        raise ValueError(f"--init must be a path (a run directory, checkpoint.pt, model.safetensors or a .pth "
+                         f"state_dict), got {config.init!r}")
+    if config.freeze_backbone and config.init is None:
+        raise ValueError("--freeze-backbone needs --init: only loaded weights are worth freezing")
     if config.shortcut not in (None, *SHORTCUTS):
         raise ValueError(f"--shortcut {config.shortcut!r} is not valid; choose one of {', '.join(SHORTCUTS)}")
     if not isinstance(config.out, str) or not config.out:

@@ -2,8 +2,10 @@
 
     resnetlab train --model resnet20 --data mnist:../shared/data/mnist --recipe cifar --iterations 300 --out runs/x
 
-writes into OUT: metrics.jsonl (a line every log_every iterations), checkpoint.pt (atomically, every
-checkpoint_every iterations and at the end), summary.json and model.safetensors at the end.
+writes into OUT: metrics.jsonl (a line every log_every iterations; with --tensorboard the same numbers as scalars
+under tb/), checkpoint.pt (atomically, every checkpoint_every iterations and at the end), summary.json and
+model.safetensors at the end. With --init the run starts from other weights (checkpoint.load_weights), with
+--freeze-backbone it trains the classifier alone.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab import distributed
-from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, load_checkpoint,
-                                  restore_weights, save_checkpoint)
+from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, load_checkpoint, load_weights,
+                                  read_weights, restore_weights, save_checkpoint)
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches, evaluation_batches, folder_batches, padding_for
 from resnetlab.data.formats import ArrayDataset, DataSplits, load_dataset
@@ -91,6 +93,8 @@ class Run:
     context: distributed.Context
     start: int = 0
     elapsed: float = 0.0  # wall seconds of earlier sessions of a resumed run
+    init: dict | None = None  # where the starting weights came from (--init): path, sha256, what was adapted
+    metrics: MetricsLog | None = None  # rank 0 alone writes metrics
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -135,8 +139,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             if evaluate_now:  # every process's schedule sees rank 0's errors
                 record.update(distributed.on_main(context, lambda: held_out_errors(run)))
                 run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
-            if context.is_main:
-                append_jsonl(out / "metrics.jsonl", record)
+            if run.metrics:
+                run.metrics.write(record)
             window.zero_()
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
@@ -145,6 +149,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         bar.update(done, loss=f"{loss_and_error[0]:.3f}", err=f"{100 * loss_and_error[1]:.1f}%",
                    img_s=f"{images_per_second:.0f}")
     bar.close()
+    if run.metrics:
+        run.metrics.close()
     summary = distributed.on_main(context, lambda: finish(run, run.elapsed + time.perf_counter() - session_start))
     distributed.teardown(context)
     return summary
@@ -154,6 +160,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     validate(config)  # a TrainConfig built by hand gets the checks resolve_config makes
     out = Path(config.out)
     state = load_checkpoint(out) if resume else None
+    init = read_weights(config.init) if config.init and not resume else None  # a resumed run's are in its checkpoint
     ensure_writable(out)
     device = pick_device(config.device)
     context = distributed.setup(device)
@@ -164,25 +171,31 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     if config.shortcut is not None:
         model_kwargs["shortcut"] = config.shortcut
     network = create_model(config.model, **model_kwargs)
+    origin = None  # where the weights came from: --init's file, or what the resumed checkpoint recorded
+    if init is not None:
+        origin = {**init.provenance(), "adapted": load_weights(network, init, config.model)}
     if state is not None:
         restore_weights(network, state, checkpoint_path(out), model_name=config.model)
+        origin = state.get("init")
+    if config.freeze_backbone:
+        network.freeze_backbone()
     network = network.to(device, memory_format=memory_format(config.channels_last))
     network.activation_checkpointing = config.activation_checkpointing
     model = distributed.wrap(network, context, device, config.sync_bn)
     recipe = config.recipe
-    optimizer = torch.optim.SGD(network.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=recipe.lr,
+                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     depth = MODELS[config.model][1]
     schedule = LrSchedule(recipe, warm_up=bool(recipe.warmup_min_depth) and depth >= recipe.warmup_min_depth)
     run = Run(config, data, model, network, model_kwargs, fit_normalize(data, recipe), optimizer, schedule,
-              device, context)
+              device, context, init=origin)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["torch"])
         run.start, run.elapsed = state["iteration"], state["elapsed_seconds"]
-    if context.is_main:  # a fresh run into an existing directory starts a new metrics file
-        forget_metrics_after(out / "metrics.jsonl", run.start)
+    if context.is_main:
+        run.metrics = MetricsLog(out, run.start, tensorboard=config.tensorboard)
     return run
 
 
@@ -226,7 +239,7 @@ def save_state(run: Run, iteration: int, elapsed: float) -> None:
             "normalize": run.normalize.state_dict(), "model": run.network.state_dict(),
             "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
             "iteration": iteration, "elapsed_seconds": elapsed, "rng": {"torch": torch.get_rng_state()},
-            "config": run.config.to_dict(), "data_note": run.data.note,
+            "config": run.config.to_dict(), "data_note": run.data.note, "init": run.init,
         }, checkpoint_path(run.config.out))
     distributed.barrier(run.context)
 
@@ -247,7 +260,7 @@ def finish(run: Run, wall_seconds: float) -> dict:
         "wall_seconds": wall_seconds,
         "images_per_second": config.recipe.iterations * config.recipe.batch_size / max(wall_seconds, 1e-9),
         "device": str(run.device), "processes": run.context.world_size, "torch": torch.__version__,
-        "config": config.to_dict(),
+        "init": run.init, "config": config.to_dict(),
     }
     out = Path(config.out)
     write_json_atomically(out / "summary.json", summary)
@@ -281,9 +294,39 @@ def ensure_writable(out: Path) -> None:
         raise PermissionError(f"--out {out} is not writable: {error.strerror or error}") from None
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as file:
-        file.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """Each metrics record as a line of OUT/metrics.jsonl and, with `tensorboard`, as TensorBoard scalars under
+    OUT/tb (tagged with the record's keys, at step `iteration`)."""
+
+    def __init__(self, out: Path, start: int, *, tensorboard: bool):
+        self.path = out / "metrics.jsonl"
+        # A resumed run repeats the iterations after its checkpoint, and a fresh run into an old directory starts
+        # anew: both logs forget what was logged after `start`.
+        self.tensorboard = tensorboard_writer(out / "tb", purge_step=start + 1) if tensorboard else None
+        forget_metrics_after(self.path, start)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            for key, value in record.items():
+                if key != "iteration":
+                    self.tensorboard.add_scalar(key, value, record["iteration"])
+            self.tensorboard.flush()  # as current on disk as metrics.jsonl, should the run stop
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def tensorboard_writer(directory: Path, purge_step: int):
+    """torch's SummaryWriter, imported only here: tensorboard is an optional dependency."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
+                           "pip install 'resnetlab[tensorboard]')") from None
+    return SummaryWriter(str(directory), purge_step=purge_step)
 
 
 def forget_metrics_after(path: Path, iteration: int) -> None:
