@@ -1,6 +1,7 @@
 """Malformed bytes fed to every reader, by hypothesis: CIFAR batches, IDX files, image folders, TOML configs and
 checkpoints. Each must give a clean result or one of the library's clear errors (ValueError and its subclasses,
-FileNotFoundError) that names the file; never another exception, a hang, or a silently wrong result."""
+FileNotFoundError) that names the file; never another exception, a hang, or a silently wrong result. Every read
+runs under `bounded_time`, so a reader that hangs fails its test within seconds instead of blocking the suite."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import json
 import pickle
 import re
 import shutil
+import signal
 import struct
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,24 @@ from resnetlab.recipes import RECIPE_KEYS, RUN_KEYS, TrainConfig, resolve_config
 # No per-case deadline: a case that once took 4.8 s on a quiet machine (the first call after start-up) failed the
 # suite although the reader behaved; speed is not what these tests check.
 FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# A read of these few-kilobyte inputs takes milliseconds; the 4.8 s first call is the slowest ever seen.
+READ_SECONDS = 10
+
+
+@contextmanager
+def bounded_time(what: str):
+    """Fail the test if the block runs longer than READ_SECONDS. The alarm raises pytest's failure, which no
+    reader's `except Exception` can swallow and which hypothesis reports as a failing example."""
+    def expire(signum, frame):
+        pytest.fail(f"{what} still running after {READ_SECONDS} s: a reader hangs on bad input")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, READ_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @st.composite
@@ -84,7 +105,8 @@ def test_damaged_cifar_batch(cifar_dir, data, name):
     valid = path.read_bytes()
     path.write_bytes(data.draw(damaged(valid)))
     try:
-        splits = load_dataset(f"cifar10:{cifar_dir.parent}")
+        with bounded_time(f"reading a damaged {name}"):
+            splits = load_dataset(f"cifar10:{cifar_dir.parent}")
         assert len(splits.train) == 50 and len(splits.test) == 10  # a harmless change (e.g. a pixel)
     except Exception as error:  # noqa: BLE001 - the point is which exceptions come out
         clean_error(error, path)
@@ -106,7 +128,7 @@ def test_cifar_batch_of_the_wrong_shape_or_type(cifar_dir, content):
     valid = path.read_bytes()
     path.write_bytes(pickle.dumps(content, protocol=2))
     try:
-        with pytest.raises((ValueError, FileNotFoundError)) as error:
+        with pytest.raises((ValueError, FileNotFoundError)) as error, bounded_time("reading a wrong batch"):
             load_dataset(f"cifar10:{cifar_dir.parent}")
         clean_error(error.value, path)
     finally:
@@ -148,12 +170,14 @@ def test_damaged_idx_file(mnist_dir, data, name, compress):
     try:
         magic = 2051 if "images" in name else 2049
         try:
-            array = read_idx(path, magic)
+            with bounded_time(f"reading a damaged {path.name}"):
+                array = read_idx(path, magic)
             assert array.dtype == np.uint8 and array.ndim == magic % 256
         except Exception as error:  # noqa: BLE001
             clean_error(error, path)
         try:
-            load_dataset(f"mnist:{mnist_dir}")
+            with bounded_time(f"loading MNIST with a damaged {path.name}"):
+                load_dataset(f"mnist:{mnist_dir}")
         except Exception as error:  # noqa: BLE001
             # a readable file with too few images fails at the split, which says so without a file name
             assert isinstance(error, ValueError) and (path.name in str(error) or "cannot take" in str(error)), error
@@ -202,7 +226,8 @@ def test_folder_with_broken_images_skips_them(tmp_path, data, count):
         broken[name] = data.draw(st.just(b"") | damaged(png_bytes(i + 1)) | well_formed_nonsense_png)
         (root / name).write_bytes(broken[name])
 
-    dataset = FolderDataset(root, None)
+    with bounded_time("scanning a folder of broken images"):
+        dataset = FolderDataset(root, None)
     assert len(dataset.samples) + len(dataset.skipped) == count + 1
     skipped = {path.relative_to(root).as_posix(): reason for path, reason in dataset.skipped}
     assert all(skipped[name] == "empty file" for name, content in broken.items() if not content)
@@ -210,7 +235,8 @@ def test_folder_with_broken_images_skips_them(tmp_path, data, count):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a sample that does not decode is announced, then replaced
         for index in range(len(dataset)):
-            image, label = dataset[index]
+            with bounded_time(f"decoding {dataset.samples[index][0].name}"):
+                image, label = dataset[index]
             assert image.dtype == torch.uint8 and image.shape[0] == 3 and label in (0, 1)
 
 
@@ -231,7 +257,8 @@ def test_folder_skips_an_image_too_large_to_decode(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "ok.png").write_bytes(png_bytes(0))
     (tmp_path / "a" / "huge.png").write_bytes(png_of_chunks(20_000, 20_000, 8, 2, 0, zlib.compress(b"\0" * 99)))
-    dataset = FolderDataset(tmp_path, None)  # 400 megapixels: past Pillow's decompression-bomb limit
+    with bounded_time("scanning a decompression bomb"):
+        dataset = FolderDataset(tmp_path, None)  # 400 megapixels: past Pillow's decompression-bomb limit
     assert [(path.name, reason.split(":")[0]) for path, reason in dataset.skipped] == [("huge.png", "too large")]
     assert len(dataset) == 1 and dataset[0][0].shape == (3, 12, 16)
 
@@ -283,7 +310,8 @@ def test_toml_with_values_of_any_type(tmp_path, settings_):
     path.write_text("".join(f"{key} = {toml_value(value)}\n"
                             for key, value in {"model": "resnet20", "data": "digits", "out": "o", **settings_}.items()))
     try:
-        config = resolve_config("cifar", path)
+        with bounded_time("reading a TOML config"):
+            config = resolve_config("cifar", path)
     except Exception as error:  # noqa: BLE001
         assert isinstance(error, ValueError), f"{type(error).__name__}: {error}"
         return
@@ -297,7 +325,8 @@ def test_toml_of_random_text(tmp_path, text):
     path = tmp_path / "run.toml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     try:
-        resolve_config("cifar", path, model="resnet20", data="digits", out="o")
+        with bounded_time("reading a TOML config"):
+            resolve_config("cifar", path, model="resnet20", data="digits", out="o")
     except Exception as error:  # noqa: BLE001
         assert isinstance(error, ValueError), f"{type(error).__name__}: {error}"
         if "not valid TOML" in str(error):
@@ -326,7 +355,8 @@ def test_damaged_checkpoint(tmp_path, checkpoint_bytes, data):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(data.draw(damaged(checkpoint_bytes)))
     try:
-        state = load_checkpoint(path)
+        with bounded_time("loading a damaged checkpoint"):
+            state = load_checkpoint(path)
     except Exception as error:  # noqa: BLE001
         assert isinstance(error, CheckpointError), f"{type(error).__name__}: {error}"
         clean_error(error, path)

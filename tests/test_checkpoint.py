@@ -1,12 +1,14 @@
-"""resnetlab.checkpoint at the unit level: what save_checkpoint puts on disk, what load_checkpoint and load_model
-give back, a failed save, and the safetensors export.
+"""resnetlab.checkpoint at the unit level: what save_checkpoint puts on disk and the order in which it makes it
+durable, what load_checkpoint and load_model give back, a failed save, and the safetensors export.
 
 Covered elsewhere and not repeated here: damaged bytes and a pickle payload (test_bad_input.py), SIGKILL during a
 write, a full disk and a checkpoint of another model on resume (test_faults.py, test_train.py)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import zipfile
 
 import pytest
@@ -64,6 +66,32 @@ def test_a_save_that_fails_keeps_the_previous_file_byte_for_byte(tmp_path):
         save_checkpoint({**model_state(), "schedule": lambda iteration: 0.1}, path)
     assert path.read_bytes() == before
     assert [entry.name for entry in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    # A power cut must leave the old checkpoint or the whole new one: the bytes are on disk before the rename makes
+    # them the checkpoint, and the rename (a directory entry) is on disk before the save returns.
+    path = tmp_path / "checkpoint.pt"
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd: int) -> None:
+        status = os.fstat(fd)
+        kind = "directory" if stat.S_ISDIR(status.st_mode) else "file"
+        events.append(("fsync", kind, status.st_ino, status.st_size if kind == "file" else None))
+        fsync(fd)
+
+    def spy_replace(source, target) -> None:
+        events.append(("replace", os.path.basename(source), os.path.basename(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    save_checkpoint(model_state(), path)
+    written = path.stat()
+    assert events == [("fsync", "file", written.st_ino, written.st_size),  # every byte, then the rename
+                      ("replace", "checkpoint.pt.partial", "checkpoint.pt"),
+                      ("fsync", "directory", tmp_path.stat().st_ino, None)]
 
 
 def test_load_model_builds_the_recorded_model_in_eval_mode(tmp_path):

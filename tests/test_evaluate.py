@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,14 @@ import torch.nn.functional as F
 from PIL import Image
 from run_helpers import tiny_config, write_png_folder
 
+import resnetlab.evaluate as evaluation
 from resnetlab.checkpoint import load_checkpoint, load_model, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
-from resnetlab.evaluate import (FolderTenCrops, class_probabilities, ensemble_probabilities, evaluate_checkpoints,
-                                load_models, mode_probabilities, predict, scales_for)
+from resnetlab.evaluate import (FolderTenCrops, check_mode_fits, class_probabilities, ensemble_probabilities,
+                                evaluate_checkpoints, load_models, mode_probabilities, multiscale_sides, predict,
+                                top_k_error, training_side)
 from resnetlab.train import train
 
 CPU = torch.device("cpu")
@@ -62,7 +65,8 @@ def test_ten_crop_is_the_mean_of_ten_explicit_crops(trained):
     crops = [padded[..., top:top + 8, left:left + 8] for top, left in offsets]
     crops += [crop.flip(-1) for crop in crops]
     expected = torch.stack([softmax(model, normalize(crop)) for crop in crops]).mean(0)
-    scores, labels = mode_probabilities(model, test, normalize, "10crop", device=CPU, padding=4, batch_size=25)
+    # 250 views a pass: the 10 crops of 25 images, 25 and a last batch of 14, each through the network at once.
+    scores, labels = mode_probabilities(model, test, normalize, "10crop", device=CPU, padding=4, batch_size=250)
     torch.testing.assert_close(scores, expected)
     assert torch.equal(labels, test.labels)
     center, _ = class_probabilities(model, test, normalize, device=CPU)
@@ -72,12 +76,39 @@ def test_ten_crop_is_the_mean_of_ten_explicit_crops(trained):
 def test_multiscale_is_the_mean_over_explicitly_resized_inputs(trained):
     model, normalize, test = trained
     # The paper's sides 224, 256, 384, 480, 640 for 224 crops, scaled to 8x8 images: 8*s/224 rounded.
-    assert scales_for(test) == [8, 9, 14, 17, 23]
+    assert multiscale_sides(training_side(normalize)) == [8, 9, 14, 17, 23]
     x = normalize(test.images)
     resized = [F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False) for side in (8, 9, 14, 17, 23)]
     expected = torch.stack([softmax(model, view) for view in resized]).mean(0)
     scores, _ = mode_probabilities(model, test, normalize, "multiscale", device=CPU, batch_size=25)
     torch.testing.assert_close(scores, expected)
+
+
+def test_multiscale_is_refused_to_nets_trained_on_small_images_before_reading_data(run, monkeypatch):
+    monkeypatch.setattr(evaluation, "load_dataset", lambda *a, **kw: pytest.fail("read the data of a refused mode"))
+    with pytest.raises(ValueError, match=f"--mode multiscale is the paper's ImageNet protocol; "
+                                         f"{re.escape(str(run / 'checkpoint.pt'))} was trained on 8x8 images, which "
+                                         f"the paper tests on the single view of the original image"):
+        evaluate_checkpoints([run], mode="multiscale", device="cpu")
+
+
+def test_ten_crop_is_refused_for_data_never_mirrored_in_training(run, monkeypatch):
+    with pytest.raises(ValueError, match="--mode 10crop averages mirrored views, but digits is never mirrored in "
+                                         "training"):
+        evaluate_checkpoints([run], mode="10crop", device="cpu")
+    mirrored = replace(load_dataset("digits"), flip=True)  # as CIFAR and image folders are
+    monkeypatch.setattr(evaluation, "load_dataset", lambda spec: mirrored)
+    result = evaluate_checkpoints([run], mode="10crop", device="cpu")
+    scores, labels = ensemble_probabilities(load_models([run], CPU), mirrored.test, "10crop", device=CPU)
+    assert (result["mode"], result["top1_error"]) == ("10crop", pytest.approx(top_k_error(scores, labels, 1)))
+
+
+def test_multiscale_is_kept_for_nets_trained_on_larger_images():
+    for mean_shape in [(3, 65, 65), (3, 224, 224), (3, 1, 1)]:  # (3, 1, 1): a per-channel mean, for 224 crops
+        check_mode_fits("multiscale", Normalize(torch.zeros(mean_shape)), Path("checkpoint.pt"))
+    with pytest.raises(ValueError, match="checkpoint.pt was trained on 64x64 images"):
+        check_mode_fits("multiscale", Normalize(torch.zeros(3, 64, 64)), Path("checkpoint.pt"))
+    check_mode_fits("10crop", Normalize(torch.zeros(3, 64, 64)), Path("checkpoint.pt"))
 
 
 def test_folder_ten_crops_are_corners_center_and_flips_of_the_256_resize():
@@ -212,6 +243,8 @@ def test_cli_predict_prints_top_k(run, trained, tmp_path, capsys):
     (["evaluate", "{tmp}/missing"], "resnetlab evaluate: error: checkpoint {tmp}/missing does not exist"),
     (["evaluate", "{run}", "--mode", "5crop"], "resnetlab evaluate: error: --mode '5crop' is not a testing mode; "
                                                "choose one of center, 10crop, multiscale"),
+    (["evaluate", "{run}", "--mode", "multiscale"], "resnetlab evaluate: error: --mode multiscale is the paper's "
+                                                    "ImageNet protocol; {run}/checkpoint.pt was trained on 8x8 images"),
     (["evaluate", "{run}", "--data", "cifar10:{tmp}"], "resnetlab evaluate: error: cifar10: no "),
     (["evaluate", "{run}", "--data", "folder:{tmp}/pngs"], "resnetlab evaluate: error: folder:{tmp}/pngs has classes "
                                                            "['class0', 'class1']... (2), but {run}/checkpoint.pt "

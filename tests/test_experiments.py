@@ -39,10 +39,13 @@ def degradation(tmp_path_factory, runs_dir) -> Path:
     return out
 
 
-def tiny(experiment: str, out: Path, runs_dir: Path, **overrides) -> None:
-    """Run `experiment` at the tiny budget, without output, training into (or reusing from) `runs_dir`."""
+def tiny(experiment: str, out: Path, runs_dir: Path, **overrides) -> list[str]:
+    """Run `experiment` at the tiny budget, without output, training into (or reusing from) `runs_dir`; returns
+    the lines it logged."""
     preset = replace(EXPERIMENTS[experiment].preset, **TINY)
-    reproduce(experiment, out, preset=preset, runs_dir=runs_dir, progress=False, log=lambda line: None, **overrides)
+    lines = []
+    reproduce(experiment, out, preset=preset, runs_dir=runs_dir, progress=False, log=lines.append, **overrides)
+    return lines
 
 
 def read_results(out: Path) -> dict:
@@ -151,9 +154,12 @@ def test_shortcuts_compares_options_and_the_plain_net(tmp_path, degradation, run
 
 
 def test_depth_reuses_trained_runs_and_reports_params(tmp_path, degradation, runs_dir):
-    tiny("depth", tmp_path, runs_dir, depths=(20, 32), seeds=2)
+    checkpoints = [runs_dir / f"resnet{depth}-s{seed}" / "checkpoint.pt" for seed in (0, 1) for depth in (20, 32)]
+    trained = {path: path.read_bytes() for path in checkpoints}  # by the degradation experiment
+    lines = tiny("depth", tmp_path, runs_dir, depths=(20, 32), seeds=2)
+    assert len(lines) == 4 and all("done earlier, kept" in line for line in lines), lines
+    assert {path: path.read_bytes() for path in trained} == trained  # not trained again
     results = read_results(tmp_path)
-    assert results["training_seconds"] > 0 and results["wall_seconds"] < results["training_seconds"]  # reused
     params = {run["model"]: run["params"] for run in results["runs"]}
     for depth in (20, 32):  # 1-channel input: a few hundred fewer than the paper's 3-channel nets
         assert params[f"resnet{depth}"] == pytest.approx(CIFAR_PARAMS_M[depth] * 1e6, rel=0.02)
@@ -167,7 +173,7 @@ def test_response_stds_are_the_bn_outputs_before_relu_and_addition():
     model = create_model("resnet20", num_classes=10, in_channels=1).eval()
     images = torch.randn(16, 1, 8, 8)
     stds = response_stds(model, images)
-    assert len(stds) == 18  # 9 blocks of two 3x3 layers
+    assert len(stds) == 18 and all(s > 0 for s in stds), stds  # 9 blocks of two 3x3 layers
     with torch.no_grad():
         stem = model.relu(model.bn1(model.conv1(images)))
         block = model.layer1[0]
@@ -182,7 +188,8 @@ def test_responses_reports_layer_stds_of_trained_nets(tmp_path, degradation, run
     assert results["held_out_images"] == 360  # digits' test split, all of it
     for run in results["runs"]:
         depth = int(run["model"].removeprefix("plain").removeprefix("resnet"))
-        assert len(run["response_std"]) == depth - 2  # every layer but the stem conv and the fc and all(s > 0 for s in run["response_std"])
+        stds = run["response_std"]
+        assert len(stds) == depth - 2 and all(s > 0 for s in stds), stds  # every layer but the stem conv and the fc
     report = (tmp_path / "report.md").read_text()
     assert "Fig. 7" in report and "resnet20" in report and "vs plain20" in report
     assert_valid_png(tmp_path / "responses.png")

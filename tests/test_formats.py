@@ -30,7 +30,6 @@ from resnetlab.data import (
     stratified_split,
 )
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MNIST_T10K_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
@@ -258,10 +257,9 @@ def test_mnist_missing_files_are_named(tmp_path):
         load_dataset(f"mnist:{tmp_path}")
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"real MNIST test set not at {MNIST_DIR}")
-def test_real_mnist_t10k_is_split_8000_2000_the_same_way_every_time():
-    splits = load_dataset(f"mnist:{MNIST_DIR}", seed=123)  # the fixed split ignores `seed`
-    again = load_dataset(f"mnist:{MNIST_DIR}")
+def test_real_mnist_t10k_is_split_8000_2000_the_same_way_every_time(shared_data):
+    splits = load_dataset(f"mnist:{shared_data / 'mnist'}", seed=123)  # the fixed split ignores `seed`
+    again = load_dataset(f"mnist:{shared_data / 'mnist'}")
     assert (len(splits.train), len(splits.test)) == (8000, 2000)
     assert splits.train.images.shape == (8000, 1, 32, 32) and splits.test.images.shape == (2000, 1, 32, 32)
     assert "split 8,000 train / 2,000 test (stratified, fixed seed 0)" in splits.note

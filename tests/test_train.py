@@ -1,11 +1,11 @@
 """resnetlab.train: what a run writes, determinism, resume, and how it stops on bad states (NaN, an unwritable
---out, a checkpoint of another model). Tiny runs on the 8x8 digits; the MNIST acceptance run is marked slow."""
+--out, a checkpoint of another model). Tiny runs on the 8x8 digits; a short run on the real MNIST checks that
+training learns, and the MNIST acceptance run is marked slow."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from dataclasses import fields, replace
@@ -26,10 +26,8 @@ from resnetlab.cli import main as cli_main
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import class_probabilities, top_k_error
-from resnetlab.recipes import Recipe, TrainConfig
+from resnetlab.recipes import Recipe, TrainConfig, resolve_config
 from resnetlab.train import NonFiniteLossError, train
-
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,8 @@ def test_summary_holds_the_issues_fields_and_the_resolved_recipe(finished_run):
     assert (written["model"], written["dataset"], written["iterations"]) == ("resnet20", "digits", 20)
     for field in ("train_top1_error", "test_top1_error", "test_top5_error"):
         assert 0 <= written[field] <= 1
-    assert written["test_top5_error"] <= written["test_top1_error"] < 0.9  # 20 iterations already beat chance
+    # 20 iterations reach 50-63% test error over seeds 0-4; a net that does not learn (lr 1e-9) stays at 86-93%.
+    assert written["test_top5_error"] <= written["test_top1_error"] < 0.75
     assert written["wall_seconds"] > 0
     assert written["images_per_second"] == pytest.approx(20 * 32 / written["wall_seconds"])
     recipe = written["config"]["recipe"]
@@ -199,17 +198,13 @@ def test_out_under_a_file_fails_before_any_work(tmp_path, monkeypatch):
         train(tiny_config(out), progress=False)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_out_fails_before_any_work(tmp_path, monkeypatch):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's sysfs")
+def test_out_where_not_even_root_may_write_fails_before_any_work(monkeypatch):
+    # chmod does not stop root (CI runs as root); the kernel refuses a new directory in sysfs to every user.
+    out = Path("/sys/resnetlab-run")
     monkeypatch.setattr(training, "load_dataset", lambda *a, **kw: pytest.fail("loaded data for an unwritable --out"))
-    try:
-        with pytest.raises(PermissionError, match=f"--out {re.escape(str(locked / 'run'))} is not writable"):
-            train(tiny_config(locked / "run"), progress=False)
-    finally:
-        locked.chmod(0o700)
+    with pytest.raises(PermissionError, match=f"--out {out} is not writable: "):
+        train(tiny_config(out), progress=False)
 
 
 def test_cli_reports_an_unwritable_out(tmp_path, capsys):
@@ -248,11 +243,19 @@ def test_folder_training_runs_and_reports_skipped_files(tmp_path):
     assert 0 <= summary["test_top1_error"] <= 1 and summary["test_top5_error"] == 0  # 2 classes: top-5 never misses
 
 
+def test_resnet20_learns_real_mnist_in_100_iterations(shared_data, tmp_path):
+    # The default run's check that training learns: seeds 0-2 reach 8.6-9.3% test error at this budget; a net that
+    # does not learn stays near chance (88.65%: always answering the commonest digit of the 2,000 test images).
+    config = resolve_config(model="resnet20", data=f"mnist:{shared_data / 'mnist'}", out=str(tmp_path / "out"),
+                            iterations=100, batch_size=64, train_eval_size=500)
+    summary = train(config, progress=False)
+    assert summary["test_top1_error"] < 0.2, summary
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"the real MNIST test set is not in {MNIST_DIR}")
-def test_resnet20_on_real_mnist_reaches_3_percent(tmp_path, capsys):
+def test_resnet20_on_real_mnist_reaches_3_percent(shared_data, tmp_path):
     out = tmp_path / "r20"
-    assert cli_main(["train", "--model", "resnet20", "--data", f"mnist:{MNIST_DIR}", "--iterations", "300",
+    assert cli_main(["train", "--model", "resnet20", "--data", f"mnist:{shared_data / 'mnist'}", "--iterations", "300",
                      "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "8,000 train / 2,000 test" in summary["data_note"]

@@ -8,12 +8,21 @@ Modes (He et al. 2015, Sec. 3.4 and Table 3):
   averaged. The crops are of the training input size, taken from the image the training crops were taken from:
   folder images resized to 256 on the shorter side (224 crops); small array images (CIFAR, MNIST, digits)
   zero-padded as in training (4 pixels at 32x32, `padding_for`), so the 10 crops are the extreme and central
-  positions of the training's random crop.
+  positions of the training's random crop. Data never mirrored in training (MNIST, digits: a mirrored digit is
+  another glyph) is refused it: the mirrored views are wrong (a MNIST net: 71% error on them, 8.6% centered).
 - ``multiscale``: fully convolutional (the global average pool accepts any size): the shorter side is resized to
-  each of the paper's scales {224, 256, 384, 480, 640} and the softmax scores are averaged. Small array images use
-  the same ratios to their training size (32x32 CIFAR: 32, 37, 55, 69, 91). Images are normalized at their loaded
-  size (the per-pixel mean fits there) and the normalized batch is resized; resizing is linear, so this equals
-  subtracting the equally resized mean.
+  each of the paper's scales {224, 256, 384, 480, 640} (for 224 training crops; other training sizes in the same
+  ratios) and the softmax scores are averaged. Images are normalized at their loaded size (the per-pixel mean fits
+  there) and the normalized batch is resized; resizing is linear, so this equals subtracting the equally resized
+  mean. The paper tests multi-scale on ImageNet only and its CIFAR nets on "the single view of the original 32x32
+  image"; on small images the mode is worse, not better (a MNIST net: 80.9% top-1 error against 8.6% centered),
+  so nets trained on images of at most 64x64 are refused it.
+
+`evaluate_checkpoints` makes these refusals; `mode_probabilities` computes any mode it is asked for. Measurements:
+docs/benchmarks.md, section 6.
+
+The views of a batch go through the network together: 10crop's 10 crops of batch_size // 10 images as one batch
+of views, multiscale's images at each scale as one batch.
 
 An ensemble averages the softmax scores of several checkpoints, each with its own normalization.
 """
@@ -40,6 +49,9 @@ MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
 PAPER_SCALES = (224, 256, 384, 480, 640)
 PAPER_CROP = 224
+# Nets trained on images this small (CIFAR 32, MNIST 28, digits 8) are tested on the single original view.
+LARGEST_SMALL_IMAGE = 64
+TEN_CROP_VIEWS = 10
 
 
 @torch.no_grad()
@@ -71,6 +83,8 @@ def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, nor
     """Softmax scores (N, classes) in a testing `mode` (see the module docstring), and the labels.
 
     `padding` is the training padding of array images at 32x32 (the recipe's `padding`), used by ``10crop``.
+    `batch_size` counts views: 10crop takes batch_size // 10 images at a time. Any mode is computed as asked;
+    `evaluate_checkpoints` refuses the modes that do not fit a net (module docstring).
     """
     check_mode(mode)
     if mode == "center":
@@ -83,16 +97,18 @@ def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, nor
         with autocast(device, precision):
             return model(x).float().softmax(1)
 
+    images_per_batch = max(1, batch_size // TEN_CROP_VIEWS) if mode == "10crop" else batch_size
     scores, labels = [], []
     try:
-        for images, batch_labels in mode_batches(data, mode, batch_size, workers, limit, padding):
+        for images, batch_labels in mode_batches(data, mode, images_per_batch, workers, limit, padding):
             images = images.to(device, non_blocking=True)
-            if mode == "10crop":  # images: (10, N, C, crop, crop)
-                views = [normalize(crops) for crops in images]
+            if mode == "10crop":  # images: (10, N, C, crop, crop), all 10N views in one forward pass
+                views = softmax(normalize(images.flatten(0, 1)))
+                scores.append(views.unflatten(0, images.shape[:2]).mean(0).cpu())
             else:
                 x = normalize(images)
-                views = [resize_shorter(x, side) for side in scales_for(data)]
-            scores.append(torch.stack([softmax(view) for view in views]).mean(0).cpu())
+                sides = multiscale_sides(training_side(normalize))
+                scores.append(torch.stack([softmax(resize_shorter(x, side)) for side in sides]).mean(0).cpu())
             labels.append(batch_labels)
     finally:
         model.train(was_training)
@@ -104,12 +120,24 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"--mode {mode!r} is not a testing mode; choose one of {', '.join(MODES)}")
 
 
-def scales_for(data: ArrayDataset | FolderDataset) -> list[int]:
-    """The multi-scale shorter sides: the paper's for folder images, the same ratios for small array images."""
-    if isinstance(data, FolderDataset):
-        return list(PAPER_SCALES)
-    size = data.images.shape[-1]
-    return [round(side * size / PAPER_CROP) for side in PAPER_SCALES]
+def check_mode_fits(mode: str, normalize: Normalize, checkpoint: Path) -> None:
+    """Refuse multi-scale testing of a net trained on small images, where the paper tests a single view."""
+    side = training_side(normalize)
+    if mode == "multiscale" and side <= LARGEST_SMALL_IMAGE:
+        raise ValueError(f"--mode multiscale is the paper's ImageNet protocol; {checkpoint} was trained on "
+                         f"{side}x{side} images, which the paper tests on the single view of the original image "
+                         f"(multiscale took a MNIST net from 8.6% to 80.9% error): use --mode center")
+
+
+def training_side(normalize: Normalize) -> int:
+    """The side of the training inputs: that of the per-pixel mean (224 crops when the mean is per channel)."""
+    side = normalize.mean.shape[-1]
+    return side if side > 1 else PAPER_CROP
+
+
+def multiscale_sides(train_side: int) -> list[int]:
+    """The paper's multi-scale shorter sides, in proportion to the training input side (224 in the paper)."""
+    return [round(side * train_side / PAPER_CROP) for side in PAPER_SCALES]
 
 
 def mode_batches(data: ArrayDataset | FolderDataset, mode: str, batch_size: int, workers: int, limit: int | None,
@@ -191,11 +219,16 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     target = pick_device(device)
     models = load_models(checkpoints, target)
+    for path, (_, state) in zip(checkpoints, models):  # before any data is read
+        check_mode_fits(mode, Normalize.from_state_dict(state["normalize"]), checkpoint_path(path))
     first = models[0][1]
     spec = data or first.get("config", {}).get("data")
     if not spec:
         raise ValueError(f"{checkpoint_path(checkpoints[0])} does not record its dataset; give --data")
     splits = load_dataset(spec)
+    if mode == "10crop" and not splits.flip:
+        raise ValueError(f"--mode 10crop averages mirrored views, but {spec} is never mirrored in training (a "
+                         f"mirrored digit is another glyph; a MNIST net errs on 71% of them): use --mode center")
     if splits.classes != first["classes"]:
         raise ValueError(f"{spec} has classes {splits.classes[:3]}... ({splits.num_classes}), but "
                          f"{checkpoint_path(checkpoints[0])} predicts {first['classes'][:3]}... "
@@ -241,7 +274,7 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     model, state = load_model(checkpoint)
     normalize = Normalize.from_state_dict(state["normalize"])
     channels = state["model_kwargs"].get("in_channels", 3)
-    side = normalize.mean.shape[-1] if normalize.mean.shape[-1] > 1 else PAPER_CROP
+    side = training_side(normalize)
     spec = state.get("config", {}).get("data")
     validation = CenterCrop()
     border = (1 - validation.crop / validation.resize) / 2 if spec and parse_spec(spec)[0] == "folder" else 0.0

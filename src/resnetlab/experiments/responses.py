@@ -9,6 +9,7 @@ closer to zero than non-residual ones.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def response_stds(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
     layers = [bn for block in model.modules() if isinstance(block, BasicBlock) for bn in (block.bn1, block.bn2)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no BasicBlocks: Fig. 7 is about the 3x3 layers of CIFAR nets")
-    stds = [0.0] * len(layers)
+    stds = [math.nan] * len(layers)  # a layer whose hook never fired stays NaN, not a plausible number
 
     def recorder(index: int):
         def record(module, inputs, output: torch.Tensor) -> None:
