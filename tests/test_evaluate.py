@@ -20,7 +20,7 @@ from resnetlab.checkpoint import load_checkpoint, load_model, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
-from resnetlab.evaluate import (FolderTenCrops, check_mode_fits, class_probabilities, ensemble_probabilities,
+from resnetlab.evaluate import (FolderTenCrops, check_multiscale_fits, class_probabilities, ensemble_probabilities,
                                 evaluate_checkpoints, load_models, mode_probabilities, multiscale_sides, predict,
                                 top_k_error, training_side)
 from resnetlab.train import train
@@ -105,10 +105,9 @@ def test_ten_crop_is_refused_for_data_never_mirrored_in_training(run, monkeypatc
 
 def test_multiscale_is_kept_for_nets_trained_on_larger_images():
     for mean_shape in [(3, 65, 65), (3, 224, 224), (3, 1, 1)]:  # (3, 1, 1): a per-channel mean, for 224 crops
-        check_mode_fits("multiscale", Normalize(torch.zeros(mean_shape)), Path("checkpoint.pt"))
+        check_multiscale_fits(Normalize(torch.zeros(mean_shape)), Path("checkpoint.pt"))
     with pytest.raises(ValueError, match="checkpoint.pt was trained on 64x64 images"):
-        check_mode_fits("multiscale", Normalize(torch.zeros(3, 64, 64)), Path("checkpoint.pt"))
-    check_mode_fits("10crop", Normalize(torch.zeros(3, 64, 64)), Path("checkpoint.pt"))
+        check_multiscale_fits(Normalize(torch.zeros(3, 64, 64)), Path("checkpoint.pt"))
 
 
 def test_folder_ten_crops_are_corners_center_and_flips_of_the_256_resize():

@@ -186,6 +186,8 @@ def test_responses_reports_layer_stds_of_trained_nets(tmp_path, degradation, run
     tiny("responses", tmp_path, runs_dir, depths=(20, 32), seeds=2)
     results = read_results(tmp_path)
     assert results["held_out_images"] == 360  # digits' test split, all of it
+    assert [(run["model"], run["seed"]) for run in results["runs"]] == [
+        (f"{kind}{depth}", seed) for seed in (0, 1) for kind in ("plain", "resnet") for depth in (20, 32)]
     for run in results["runs"]:
         depth = int(run["model"].removeprefix("plain").removeprefix("resnet"))
         stds = run["response_std"]

@@ -49,7 +49,7 @@ MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
 PAPER_SCALES = (224, 256, 384, 480, 640)
 PAPER_CROP = 224
-# Nets trained on images this small (CIFAR 32, MNIST 28, digits 8) are tested on the single original view.
+# Nets trained on images this small (CIFAR and padded MNIST 32, digits 8) are tested on the single original view.
 LARGEST_SMALL_IMAGE = 64
 TEN_CROP_VIEWS = 10
 
@@ -120,10 +120,10 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"--mode {mode!r} is not a testing mode; choose one of {', '.join(MODES)}")
 
 
-def check_mode_fits(mode: str, normalize: Normalize, checkpoint: Path) -> None:
+def check_multiscale_fits(normalize: Normalize, checkpoint: Path) -> None:
     """Refuse multi-scale testing of a net trained on small images, where the paper tests a single view."""
     side = training_side(normalize)
-    if mode == "multiscale" and side <= LARGEST_SMALL_IMAGE:
+    if side <= LARGEST_SMALL_IMAGE:
         raise ValueError(f"--mode multiscale is the paper's ImageNet protocol; {checkpoint} was trained on "
                          f"{side}x{side} images, which the paper tests on the single view of the original image "
                          f"(multiscale took a MNIST net from 8.6% to 80.9% error): use --mode center")
@@ -219,8 +219,9 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     target = pick_device(device)
     models = load_models(checkpoints, target)
-    for path, (_, state) in zip(checkpoints, models):  # before any data is read
-        check_mode_fits(mode, Normalize.from_state_dict(state["normalize"]), checkpoint_path(path))
+    if mode == "multiscale":  # refused before any data is read
+        for path, (_, state) in zip(checkpoints, models):
+            check_multiscale_fits(Normalize.from_state_dict(state["normalize"]), checkpoint_path(path))
     first = models[0][1]
     spec = data or first.get("config", {}).get("data")
     if not spec:
