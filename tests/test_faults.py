@@ -4,6 +4,7 @@ a broken or foreign checkpoint on resume; a full disk; a data-loader worker that
 from __future__ import annotations
 
 import errno
+import json
 import random
 import re
 import shutil
@@ -117,6 +118,28 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     expected = f"resnetlab train: error: checkpoint {tmp_path / 'out' / 'checkpoint.pt'} does not exist\n"
     assert capsys.readouterr().err == expected
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_resume_refuses_flags_that_change_the_run_and_takes_the_ones_that_change_the_hardware(uninterrupted, tmp_path,
+                                                                                             capsys):
+    """A run started on a GPU with CUDA graphs continues on the CPU without them; another lr would be neither run."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "summary.json").unlink()
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert cli_main(["train", "--resume", str(out), "--lr", "0.5", "--recipe", "imagenet", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnetlab train: error: {out} resumes as it was started; these flags differ from it: "
+                          "--lr 0.5 (the run has 0.1), --recipe 'imagenet' (the run has 'cifar')")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+    state = load_checkpoint(out)
+    state["config"]["cuda_graphs"] = True  # as a GPU run stores it
+    save_checkpoint({key: value for key, value in state.items() if key != "format"}, out / "checkpoint.pt")
+    assert cli_main(["train", "--resume", str(out), "--no-cuda-graphs", "--device", "cpu", "--lr", "0.1",
+                     "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["cuda_graphs"] is False and summary["config"]["device"] == "cpu"
 
 
 def test_disk_full_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -24,11 +24,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from resnetlab.recipes import RECIPE_KEYS, RUN_KEYS, resolve_config
     from resnetlab.train import resume_config, train
 
+    overrides = {key: getattr(args, key) for key in RUN_KEYS + RECIPE_KEYS if hasattr(args, key)}
     if args.resume:
-        config = resume_config(args.resume)
+        if args.config:
+            raise ValueError("--resume continues a run with its own settings; it takes no --config FILE.toml")
+        config = resume_config(args.resume, {**overrides, "recipe": args.recipe})
     else:
-        overrides = {key: getattr(args, key) for key in RUN_KEYS + RECIPE_KEYS if hasattr(args, key)}
-        config = resolve_config(args.recipe, args.config, **overrides)
+        config = resolve_config(args.recipe or "cifar", args.config, **overrides)
         if not config.model or not config.data:
             raise ValueError("--model and --data are required (or give them in --config FILE.toml)")
     summary = train(config, resume=bool(args.resume), progress=not args.quiet)
@@ -128,7 +130,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a name from `resnetlab models`, e.g. resnet20")
     p.add_argument("--data", help="cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH or digits")
     p.add_argument("--out", help="the run directory (created)")
-    p.add_argument("--recipe", default="cifar", help="preset: cifar (default) or imagenet")
+    p.add_argument("--recipe", help="preset: cifar (default) or imagenet")
     p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
     p.add_argument("--init", metavar="PATH", help="start from these weights: a run directory, its checkpoint.pt or "
@@ -150,6 +152,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA only: replay each training step's forward and backward as CUDA graphs (fp32, one GPU)")
     p.add_argument("--checkpoint-every", type=int, metavar="K")
     p.add_argument("--eval-every", type=int, metavar="K")
     p.add_argument("--log-every", type=int, metavar="K")

@@ -63,6 +63,11 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# Settings that change how a run is computed (where, how fast), not what it computes: a run trained on a GPU with
+# --cuda-graphs is the same experiment run as one trained on the CPU.
+COMPUTE_KEYS = ("device", "compile", "cuda_graphs", "channels_last", "workers", "eval_batch_size", "tensorboard")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str
@@ -75,6 +80,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = False  # replay forward and backward as CUDA graphs: small nets stop waiting on kernel launches
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
@@ -186,11 +192,14 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--seed must be below 2**32, got {config.seed}")
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
-    for owner, name in ((config, "channels_last"), (config, "compile"), (config, "download"), (config, "sync_bn"),
-                        (config, "activation_checkpointing"), (config, "freeze_backbone"), (config, "tensorboard"),
+    for owner, name in ((config, "channels_last"), (config, "compile"), (config, "cuda_graphs"), (config, "download"),
+                        (config, "sync_bn"), (config, "activation_checkpointing"), (config, "freeze_backbone"), (config, "tensorboard"),
                         (r, "per_channel_std")):
         if not isinstance(getattr(owner, name), bool):
             raise ValueError(f"--{flag(name)} must be true or false, got {getattr(owner, name)!r}")
+    if config.cuda_graphs and (config.compile or config.precision != "fp32" or config.activation_checkpointing):
+        raise ValueError("--cuda-graphs works alone: not with --compile, --activation-checkpointing or a --precision "
+                         "other than fp32")
     if config.init is not None and (not isinstance(config.init, str) or not config.init):
         raise ValueError(f"--init must be a path (a run directory, checkpoint.pt, model.safetensors or a .pth "
                          f"state_dict), got {config.init!r}")

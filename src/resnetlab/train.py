@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from resnetlab.files import write_json_atomically
 from resnetlab.models import MODELS, create_model
 from resnetlab.precision import autocast, memory_format, pick_device
 from resnetlab.progress import Progress
-from resnetlab.recipes import Recipe, TrainConfig, validate
+from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, validate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,12 +102,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     run = prepare(config, resume)
     out, recipe, context = Path(config.out), config.recipe, run.context
     model, device, layout = run.model, run.device, memory_format(config.channels_last)
-    step = torch.compile(model) if config.compile else model
+    model.train()
+    step = torch.compile(model) if config.compile else graphed(run) if config.cuda_graphs else model
     bar = Progress(recipe.iterations, config.model, start=run.start, enabled=progress and context.is_main)
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, error sum, batches since the last log line
     session_start = window_start = time.perf_counter()
     images_per_second = 0.0
-    model.train()
     for iteration, (images, labels) in enumerate(training_batches(run), start=run.start):
         lr = run.schedule.lr(iteration)
         for group in run.optimizer.param_groups:
@@ -197,6 +197,24 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     if context.is_main:
         run.metrics = MetricsLog(out, run.start, tensorboard=config.tensorboard)
     return run
+
+
+def graphed(run: Run) -> torch.nn.Module:
+    """The model with its training-mode forward and backward captured as CUDA graphs and replayed each step.
+
+    A small net such as ResNet-20 runs hundreds of tiny kernels a step; launched one by one from Python the GPU
+    mostly waits. Capturing runs a few warm-up steps, which move the BN running statistics: they are put back, so
+    the run is the same run as without graphs. Evaluation (eval mode) takes the ordinary forward."""
+    if run.device.type != "cuda" or run.context.world_size > 1:
+        raise ValueError(f"--cuda-graphs needs one CUDA device; this run is on {run.device} with "
+                         f"{run.context.world_size} process(es)")
+    data, batch = run.data, run.config.recipe.batch_size
+    sample = torch.zeros(batch, data.in_channels, data.image_size, data.image_size, device=run.device)
+    sample = sample.contiguous(memory_format=memory_format(run.config.channels_last))
+    saved = {name: value.clone() for name, value in run.network.state_dict().items()}
+    model = torch.cuda.make_graphed_callables(run.model, (sample,))
+    run.network.load_state_dict(saved)  # copies in place: the graphs keep reading the same tensors
+    return model
 
 
 def training_batches(run: Run):
@@ -343,9 +361,27 @@ def logged_at_most(line: str, iteration: int) -> bool:
         return False
 
 
-def resume_config(out: str | Path) -> TrainConfig:
-    """The configuration a run directory was started with, read from its checkpoint."""
+def resume_config(out: str | Path, changes: dict | None = None) -> TrainConfig:
+    """The configuration a run directory was started with, read from its checkpoint.
+
+    `changes` (flags given with --resume) may move the run to other hardware (COMPUTE_KEYS: a run started on a GPU
+    with --cuda-graphs continues on the CPU with --device cpu --no-cuda-graphs); any other setting that differs
+    from the run's own is refused, since a run resumed with another recipe would be neither run."""
     state = load_checkpoint(out)
     if "config" not in state:
         raise CheckpointError(f"{checkpoint_path(out)} has no run configuration to resume from")
-    return TrainConfig.from_dict({**state["config"], "out": str(out)})
+    config = TrainConfig.from_dict({**state["config"], "out": str(out)})
+    stored = {**asdict(config.recipe), **config.to_dict(), "recipe": config.recipe.name}
+    changes = {key: value for key, value in (changes or {}).items() if value is not None}
+    conflicts = sorted(key for key, value in changes.items()
+                       if key not in COMPUTE_KEYS and value != stored.get(key) and key != "out")
+    if "out" in changes and Path(changes["out"]).resolve() != Path(out).resolve():
+        conflicts.append("out")
+    if conflicts:
+        details = ", ".join(f"--{key.replace('_', '-')} {changes[key]!r} (the run has {stored.get(key)!r})"
+                            for key in conflicts)
+        raise ValueError(f"{out} resumes as it was started; these flags differ from it: {details}. Only "
+                         f"{', '.join('--' + key.replace('_', '-') for key in COMPUTE_KEYS)} may change on resume")
+    config = replace(config, **{key: value for key, value in changes.items() if key in COMPUTE_KEYS})
+    validate(config)
+    return config

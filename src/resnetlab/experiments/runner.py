@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from resnetlab.checkpoint import checkpoint_path, load_model
-from resnetlab.recipes import TrainConfig, resolve_config
+from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, resolve_config
 from resnetlab.files import write_json_atomically
 from resnetlab.train import resume_config, train
 
@@ -114,9 +114,11 @@ def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: boo
 
 
 def check_same_settings(found: TrainConfig, wanted: TrainConfig, out: Path) -> None:
-    """A run directory from other settings must not pass for this experiment's run."""
+    """A run directory from other settings must not pass for this experiment's run. Where and how fast it was
+    computed (COMPUTE_KEYS: device, CUDA graphs, ...) does not matter."""
     found_values, wanted_values = found.to_dict(), wanted.to_dict()
-    differing = sorted(key for key in wanted_values if key != "out" and found_values.get(key) != wanted_values[key])
+    differing = sorted(key for key in wanted_values if key not in ("out", *COMPUTE_KEYS)
+                       and found_values.get(key) != wanted_values[key])
     if differing:
         details = ", ".join(f"{key} {found_values.get(key)!r} (wanted {wanted_values[key]!r})" for key in differing)
         raise ValueError(f"{out} holds a run with other settings: {details}; delete it or use another --out")
