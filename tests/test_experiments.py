@@ -5,6 +5,7 @@ experiment's runs through `runs_dir`, which is itself one of the things tested."
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from dataclasses import replace
@@ -111,6 +112,41 @@ def test_degradation_rerun_reuses_runs_and_refuses_other_settings(degradation, r
     with pytest.raises(ValueError, match=r"plain20-s0 holds a run with other settings: .*iterations"):
         reproduce("degradation", degradation, preset=preset, depths=(20,), iterations=ITERATIONS + 1,
                   runs_dir=runs_dir, progress=False, log=lines.append)
+
+
+def test_so_far_reports_unfinished_runs_at_the_furthest_common_iteration_and_trains_nothing(tmp_path, degradation,
+                                                                                            runs_dir):
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir, runs)
+    unfinished = runs / "plain32-s1"  # as if stopped after iteration 3: checkpoint and metrics, no summary
+    (unfinished / "summary.json").unlink()
+    metrics = unfinished / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["iteration"] <= 3))
+    before = {path: path.read_bytes() for path in runs.rglob("*") if path.is_file()}
+    preset = replace(EXPERIMENTS["degradation"].preset, **TINY)
+    reproduce("degradation", tmp_path / "out", preset=preset, depths=(20, 32), seeds=2, runs_dir=runs,
+              progress=False, so_far=True)
+
+    assert {path: path.read_bytes() for path in runs.rglob("*") if path.is_file()} == before
+    results = read_results(tmp_path / "out")
+    assert results["so_far"]["iteration"] == 3
+    assert results["so_far"]["reached"] == {f"{kind}{depth}-s{seed}": 3 if (kind, depth, seed) == ("plain", 32, 1)
+                                            else ITERATIONS for kind in ("plain", "resnet") for depth in (20, 32)
+                                            for seed in (0, 1)}
+    for run in results["runs"]:
+        logged = {line["iteration"]: line for line in map(json.loads, (Path(run["run_dir"]) / "metrics.jsonl")
+                                                          .read_text().splitlines())}
+        assert run["iterations"] == 3 and run["final_train_error"] == logged[3]["train_error"]
+        assert run["final_test_error"] == logged[3]["test_error"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"**In progress.** Every error below is at iteration 3 of {ITERATIONS}," in report
+    assert "--so-far" in results["command"]
+
+    shutil.rmtree(runs / "resnet32-s0")
+    with pytest.raises(FileNotFoundError, match=f"{runs / 'resnet32-s0'} has no checkpoint and metrics yet"):
+        reproduce("degradation", tmp_path / "out", preset=preset, depths=(20, 32), seeds=2, runs_dir=runs,
+                  progress=False, so_far=True)
 
 
 def test_report_command_rerenders_from_results_json(degradation, capsys):

@@ -94,7 +94,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from resnetlab.experiments import reproduce
 
     reproduce(args.experiment, args.out, data=args.data, iterations=args.iterations, seeds=args.seeds,
-              depths=args.depths, runs_dir=args.runs_dir, progress=not args.quiet)
+              depths=args.depths, runs_dir=args.runs_dir, progress=not args.quiet, so_far=args.so_far)
     return print_report(args.out)
 
 
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depths of the networks (e.g. 20,32,44,56,110,1202 for depth)")
     p.add_argument("--runs-dir", metavar="DIR", help="where runs are trained (default OUT/runs); point it at another "
                    "experiment's runs to reuse its trained networks")
+    p.add_argument("--so-far", action="store_true", help="train nothing: report the runs as they stand, each "
+                   "taken at the furthest iteration all of them have reached")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reproduce)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from resnetlab.experiments import degradation, depth, responses, shortcuts, table1
-from resnetlab.experiments.runner import Preset, check_preset, read_results, train_arms, write_results
+from resnetlab.experiments.runner import Preset, check_preset, read_results, runs_so_far, train_arms, write_results
 from resnetlab.report import REPORT_NAME, header
 
 EXPERIMENTS = {module.EXPERIMENT.name: module.EXPERIMENT
@@ -33,8 +33,9 @@ DEMO_OUT = "resnetlab-demo"
 def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations: int | None = None,
               seeds: int | None = None, depths: tuple[int, ...] | None = None, runs_dir: str | Path | None = None,
               progress: bool = True, log: Callable[[str], None] = print, preset: Preset | None = None,
-              command: str | None = None) -> dict:
-    """Run experiment `name` into `out` (the preset's settings, overridden by the arguments given); return results."""
+              command: str | None = None, so_far: bool = False) -> dict:
+    """Run experiment `name` into `out` (the preset's settings, overridden by the arguments given); return results.
+    With `so_far`, train nothing and report the runs as they stand (runner.runs_so_far)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
@@ -45,11 +46,19 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     started = time.perf_counter()
     arms = experiment.arms(preset)
-    runs = train_arms(preset, arms, runs_dir, progress=progress, log=log)
-    extra = experiment.analyse(preset, runs)
+    if so_far:
+        runs = runs_so_far(preset, arms, runs_dir)
+        extra = {"so_far": {"iteration": runs[0]["iterations"] if runs else 0,
+                            "reached": {f"{run['label']}-s{run['seed']}": run["reached"] for run in runs}}}
+    else:
+        runs = train_arms(preset, arms, runs_dir, progress=progress, log=log)
+        extra = {}
+    extra.update(experiment.analyse(preset, runs))
     training = f" --data {preset.data} --iterations {preset.iterations} --seeds {preset.seeds}" if arms else ""
     command = command or (f"resnetlab reproduce {name} --out {out}{training} "
-                          f"--depths {','.join(map(str, preset.depths))}")
+                          f"--depths {','.join(map(str, preset.depths))}"
+                          + (f" --runs-dir {runs_dir}" if runs_dir != out / "runs" else "")
+                          + (" --so-far" if so_far else ""))
     results = write_results(out, preset, runs, started, command, **extra)
     render_report(out)
     return results

@@ -95,9 +95,10 @@ def plot_curves(runs: list[dict], out: Path) -> str:
 def report(results: dict, out: Path) -> str:
     runs = results["runs"]
     _, verdict = effect_verdict(runs)
-    return ("## Final errors\n\n" + results_table(runs) + "\n"
-            "The final training error is measured in eval mode on the whole (un-augmented) training set; the "
-            "curves' training error is the running error of the augmented training batches, as in the paper.\n\n"
+    measured = ("" if results.get("so_far") else
+                "The final training error is measured in eval mode on the whole (un-augmented) training set; the "
+                "curves' training error is the running error of the augmented training batches, as in the paper.\n\n")
+    return ("## Final errors\n\n" + results_table(runs) + "\n" + measured +
             "## Does the degradation problem show?\n\n" + verdict + "\n\n## Curves\n\n" + plot_curves(runs, out))
 
 

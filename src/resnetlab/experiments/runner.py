@@ -113,6 +113,38 @@ def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: boo
     return entries
 
 
+def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
+    """Every planned run as it stands, trained or still training, with its errors taken at the furthest iteration
+    that all of them have logged (runs at different iterations are not comparable): a report on a long
+    reproduction before it ends. Trains nothing. The training error there is the running error of the training
+    batches (the curves' kind), not the final eval-mode error on the training set."""
+    found = []
+    for arm, seed in [(arm, seed) for seed in range(preset.seeds) for arm in arms]:
+        out = runs_dir / f"{arm.label}-s{seed}"
+        if not checkpoint_path(out).is_file() or not (out / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{out} has no checkpoint and metrics yet: start its run first (without --so-far)")
+        model, state = load_model(out)
+        check_same_settings(TrainConfig.from_dict({**state["config"], "out": str(out)}),
+                            preset.configure(arm, seed, out), out)
+        found.append((arm, seed, out, model, state, *read_curves(out / "metrics.jsonl")))
+    common = min(train_curve[-1][0] for *_, train_curve, _ in found)
+    entries = []
+    for arm, seed, out, model, state, train_curve, test_curve in found:
+        tests = [error for iteration, error in test_curve if iteration <= common]
+        if not tests:
+            raise ValueError(f"{out} has no test error at or before iteration {common:,}, the furthest all runs "
+                             f"have reached; wait for its first evaluation")
+        entries.append({
+            "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "seed": seed, "iterations": common,
+            "reached": train_curve[-1][0],
+            "final_train_error": [error for iteration, error in train_curve if iteration <= common][-1],
+            "final_test_error": tests[-1], "params": sum(p.numel() for p in model.parameters()),
+            "wall_seconds": state["elapsed_seconds"], "run_dir": str(out), "data_note": state["data_note"],
+            "curves": {"train_error": train_curve, "test_error": test_curve},
+        })
+    return entries
+
+
 def check_same_settings(found: TrainConfig, wanted: TrainConfig, out: Path) -> None:
     """A run directory from other settings must not pass for this experiment's run. Where and how fast it was
     computed (COMPUTE_KEYS: device, CUDA graphs, ...) does not matter."""
