@@ -19,7 +19,8 @@ def header(results: dict, title: str) -> str:
         reached = ", ".join(f"{run} {iteration:,}" for run, iteration in results["so_far"]["reached"].items())
         lines += [f"**In progress.** Every error below is at iteration {results['so_far']['iteration']:,} of "
                   f"{preset['iterations']:,}, the furthest all runs have reached, and the training error there is the "
-                  f"running error of the training batches. The curves go as far as each run has: {reached}.", ""]
+                  f"running error of the training batches. The curves go as far as each run has: {reached}. What is "
+                  f"measured on the networks themselves uses each run's latest checkpoint.", ""]
     if results["runs"]:
         lines += [f"- Runs: {len(results['runs'])} ({len(group_by_label(results['runs']))} networks x {seeds} "
                   f"seed{'s' if seeds > 1 else ''}), each {preset['iterations']:,} iterations of the "
