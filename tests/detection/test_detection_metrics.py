@@ -13,7 +13,7 @@ import torch
 
 from resnetlab.detection.metrics import inclusive_iou, voc_ap, voc_class_ap, voc_metrics
 
-from test_detection_data import COCO128_DIR, COCO128_JSON, needs_coco128
+from test_detection_data import COCO128_DIR, COCO128_JSON, needs_coco128, needs_extra
 
 
 def test_voc_ap_of_a_hand_computed_curve():
@@ -98,10 +98,10 @@ def noisy_detections(seed: int = 0) -> list[dict]:
     return results
 
 
+@needs_extra
 @needs_coco128
 @pytest.mark.parametrize("seed", [0, 1])
 def test_coco_metrics_are_cocoeval_s_own_on_the_same_detections(seed):
-    pytest.importorskip("pycocotools", reason="the COCO evaluation needs pycocotools (pip install -e '.[detection]')")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -125,9 +125,9 @@ def test_coco_metrics_are_cocoeval_s_own_on_the_same_detections(seed):
     assert 0.2 < ours["mAP@.5"] < 0.95 and ours["mAP@.75"] < ours["mAP@.5"]
 
 
+@needs_extra
 @needs_coco128
 def test_no_detections_score_zero_where_there_are_objects():
-    pytest.importorskip("pycocotools", reason="the COCO evaluation needs pycocotools (pip install -e '.[detection]')")
     from resnetlab.detection.metrics import coco_metrics
 
     result = coco_metrics(COCO128_JSON, [], [9, 25])
@@ -135,11 +135,11 @@ def test_no_detections_score_zero_where_there_are_objects():
     assert "Average Precision" in result["summary"]
 
 
+@needs_extra
 @needs_coco128
 def test_the_ground_truth_as_detections_scores_one_in_both_evaluations():
     """The conversions from the detector's outputs (xyxy boxes, labels 1..K) to COCO's results format and to
     VOC's pixel frame: fed the annotations themselves, both evaluations give a perfect score."""
-    pytest.importorskip("pycocotools", reason="the COCO evaluation needs pycocotools (pip install -e '.[detection]')")
     from resnetlab.detection.data import load_detection_data
     from resnetlab.detection.train import score_detections
 

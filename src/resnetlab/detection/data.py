@@ -99,18 +99,19 @@ def load_detection_data(spec: str, train_split: str | None = None, eval_split: s
     if not root.is_dir():
         raise FileNotFoundError(f"{kind}: no directory {root}")
     read = read_coco_split if kind == "coco" else read_voc_split
-    splits = {name: read(root, name) if name is not None else None for name in (train_split, eval_split)}
-    train, evaluation = splits[train_split], splits[eval_split]
-    loaded = [s for s in (train, evaluation) if s is not None]
-    classes, category_ids = loaded[0][1], loaded[0][2]
-    for split, split_classes, split_ids in loaded[1:]:
+    names = [name for name in dict.fromkeys((train_split, eval_split)) if name is not None]  # each read once
+    if not names:
+        raise ValueError("no split to read: name a training or an evaluation split")
+    loaded = {name: read(root, name) for name in names}
+    (first, classes, category_ids), *others = loaded.values()
+    for split, split_classes, split_ids in others:
         if (split_classes, split_ids) != (classes, category_ids):
-            raise ValueError(f"{kind}: split {split.name} has other categories than {loaded[0][0].name}")
-    note = "; ".join(describe(split) for split, _, _ in loaded)
+            raise ValueError(f"{kind}: split {split.name} has other categories than {first.name}")
+    note = "; ".join(describe(split) for split, _, _ in loaded.values())
     if train_split is not None and train_split == eval_split:
         note += "; trained and evaluated on the same images (a check of the pipeline, not a benchmark)"
-    return DetectionData(kind, classes, category_ids, train and train[0], evaluation and evaluation[0],
-                         f"{kind} {root}: {note}")
+    return DetectionData(kind, classes, category_ids, loaded[train_split][0] if train_split else None,
+                         loaded[eval_split][0] if eval_split else None, f"{kind} {root}: {note}")
 
 
 def describe(split: DetectionSplit) -> str:
