@@ -120,7 +120,7 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
 
     require_detection_extra()
     from resnetlab.detection.recipes import DETECTION_KEYS, resolve_detection_config
-    from resnetlab.detection.train import bn_mode, resume_detection_config, train_detector
+    from resnetlab.detection.train import resume_detection_config, train_detector
 
     if args.resume:
         config = resume_detection_config(args.resume)

@@ -353,8 +353,11 @@ def training_batches(split: DetectionSplit, *, batch_size: int, seed: int, start
     """Lists of uint8 images and their targets, one list per iteration from `start` to `stop`."""
     images = TrainingImages(split)
     sampler = FlipBatchSampler(len(images), batch_size, seed, start, stop, flip)
+    # Its own generator: otherwise the loader draws its workers' seed from the global one, which a resumed run
+    # has just restored, and every later random draw (the RPN's and RoI sampling) would shift by one.
     return torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=workers,
-                                       collate_fn=images_and_targets, timeout=300 if workers else 0)
+                                       collate_fn=images_and_targets, timeout=300 if workers else 0,
+                                       generator=torch.Generator().manual_seed(seed * _FLIP_STREAM + start))
 
 
 def images_and_targets(batch: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, tuple]:

@@ -62,9 +62,10 @@ def train_detector(config: DetectionConfig, *, resume: bool = False, progress: b
     bar = Progress(recipe.iterations, f"{config.model} detector", start=run.start, enabled=progress)
     window: dict[str, float] = {}
     batches_in_window = 0
-    session_start = window_start = time.perf_counter()
+    session_start = time.perf_counter()
     if config.eval_every and run.start == 0:  # where the curve starts: an untrained detector's metrics
         append_jsonl(out / "metrics.jsonl", {"iteration": 0, **evaluation_record(run)})
+    window_start = time.perf_counter()
     run.model.train()
     batches = training_batches(run.data.train, batch_size=recipe.images_per_batch, seed=config.seed,
                                start=run.start, stop=recipe.iterations, flip=recipe.flip, workers=config.workers)
@@ -125,8 +126,7 @@ def prepare(config: DetectionConfig, resume: bool) -> DetectionRun:
         restore_weights(model, state, checkpoint_path(out))
     model = model.to(device)
     recipe = config.recipe
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     run = DetectionRun(config, data, model, model_kwargs, optimizer, LrSchedule(recipe, warm_up=False), device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
