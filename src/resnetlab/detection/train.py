@@ -24,10 +24,11 @@ from resnetlab.detection.data import (DEFAULT_SPLITS, DetectionData, DetectionSp
 from resnetlab.detection.metrics import coco_metrics, voc_metrics
 from resnetlab.detection.model import IMAGENET_MEAN, IMAGENET_STD, build_detector, pretrained_classifier
 from resnetlab.detection.recipes import DetectionConfig, validate_detection
+from resnetlab.files import write_json_atomically
 from resnetlab.precision import pick_device
 from resnetlab.progress import Progress
 from resnetlab.train import (LrSchedule, NonFiniteLossError, append_jsonl, check_finite_weights, ensure_writable,
-                             forget_metrics_after, last_good_state, write_json_atomic)
+                             forget_metrics_after, last_good_state)
 
 TASK = "detection"  # marks a detection checkpoint apart from a classification one
 # The recipe fields that shape the network (the rest only shape training); stored so evaluate/predict rebuild it.
@@ -162,7 +163,7 @@ def finish(run: DetectionRun, wall_seconds: float) -> dict:
         "wall_seconds": wall_seconds, "device": str(run.device), "torch": torch.__version__,
         "config": config.to_dict(),
     }
-    write_json_atomic(Path(config.out) / "summary.json", summary)
+    write_json_atomically(Path(config.out) / "summary.json", summary)
     return summary
 
 
