@@ -15,7 +15,7 @@ import torch
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
 
-from test_detection_data import coco_subset, needs_coco128, needs_extra
+from test_detection_data import coco_subset, needs_coco128, needs_extra, voc_object, write_voc
 
 # A tiny detector: ResNet-18 trunk, images 128 pixels on the shorter side, 2 images per iteration.
 TINY = {"recipe": "small", "model": "resnet18", "train_split": "train2017", "eval_split": "train2017",
@@ -121,16 +121,19 @@ def test_errors_name_the_problem_before_any_training(tmp_path, capsys):
                      "classes": [str(i) for i in range(10)]}, tmp_path / "checkpoint.pt")
     assert main(["detect", "evaluate", str(tmp_path)]) == 2
     assert "is a classification checkpoint, not a detector's" in capsys.readouterr().err
-    voc = tmp_path / "VOC2007"
-    voc.mkdir()
-    assert main(["detect", "train", "--model", "resnet20", "--data", f"voc:{voc}", "--out", str(tmp_path / "o"),
-                 "--backbone-weights", str(tmp_path)]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["detect", "train", "--model", "resnet20", "--data", f"voc:{empty}", "--out", str(tmp_path / "o")]) == 2
     assert "ImageSets/Main/trainval.txt" in capsys.readouterr().err
+    voc = write_voc(tmp_path / "VOC2007", {"000001": [voc_object("cat", (1, 1, 20, 20))]})
+    assert main(["detect", "train", "--model", "resnet20", "--data", f"voc:{voc}", "--eval-split", "trainval",
+                 "--out", str(tmp_path / "o"), "--backbone-weights", str(tmp_path)]) == 2
+    assert "takes 1-channel images; detection needs an RGB (3-channel) classifier" in capsys.readouterr().err
     assert main(["detect", "train", "--model", "resnet21", "--data", f"voc:{voc}", "--out", str(tmp_path)]) == 2
     assert "--model 'resnet21' is not a backbone" in capsys.readouterr().err
     assert main(["detect", "train", "--model", "resnet20", "--data", f"voc:{voc}", "--out", str(tmp_path),
-                 "--min-size", "900"]) == 2
-    assert "--min-size 900 must not exceed --max-size 1000" in capsys.readouterr().err
+                 "--min-size", "1200"]) == 2
+    assert "--min-size 1200 must not exceed --max-size 1000" in capsys.readouterr().err
 
 
 def test_without_the_extra_detect_says_how_to_install_it(monkeypatch, capsys):
