@@ -136,6 +136,37 @@ def test_errors_name_the_problem_before_any_training(tmp_path, capsys):
     assert "--min-size 1200 must not exceed --max-size 1000" in capsys.readouterr().err
 
 
+@needs_extra
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"weight_decay": 2}, "--weight-decay must be in [0, 1], got 2"),
+    ({"momentum": True}, "--momentum must be in [0, 1], got True"),
+    ({"anchor_sizes": (0,)}, "--anchor-sizes must be positive numbers"),
+    ({"box_nms_threshold": 0}, "--box-nms-threshold must be in (0, 1]"),
+    ({"lr_milestones": (5, 3)}, "--lr-milestones must be increasing"),
+    ({"recipe": "imagenet"}, "--recipe 'imagenet' is not a preset; choose one of voc, coco, small"),
+    ({"bogus": 1}, "unknown setting(s) bogus"),
+])
+def test_out_of_range_settings_are_refused_naming_the_flag(setting, message):
+    from resnetlab.detection.recipes import resolve_detection_config
+
+    with pytest.raises(ValueError) as error:
+        resolve_detection_config(**{"model": "resnet18", "data": "coco:x", "out": "o", **setting})
+    assert message in str(error.value)
+
+
+@needs_extra
+def test_presets_toml_and_flags_resolve_in_that_order(tmp_path):
+    from resnetlab.detection.recipes import DETECTION_RECIPES, DetectionConfig, resolve_detection_config
+
+    (tmp_path / "run.toml").write_text('recipe = "coco"\nanchor_sizes = [32, 64]\nlr = 0.01\n')
+    config = resolve_detection_config("voc", tmp_path / "run.toml", model="resnet50", data="coco:x", out="o",
+                                      lr=0.02, iterations=3200)
+    assert config.recipe.name == "coco" and config.recipe.anchor_sizes == (32, 64) and config.recipe.lr == 0.02
+    assert config.recipe.lr_milestones == (2400,)  # the preset's 240k of 320k, at the same fraction
+    assert config.recipe.min_size == DETECTION_RECIPES["coco"].min_size == 600
+    assert DetectionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 def test_without_the_extra_detect_says_how_to_install_it(monkeypatch, capsys):
     import resnetlab.detection
 

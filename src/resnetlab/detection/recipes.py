@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from resnetlab.recipes import (DEVICES, check_milestones, check_non_negative_int, check_positive_float,
-                               check_positive_int, flag, merge_settings, rescaled_milestones)
+                               check_positive_int, flag, is_real, merge_settings, rescaled_milestones)
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,12 @@ def validate_detection(config: DetectionConfig) -> None:
     check_fraction("momentum", r.momentum, allow_zero=True)
     check_fraction("lr_decay", r.lr_decay)
     check_fraction("box_nms_threshold", r.box_nms_threshold)
-    if not isinstance(r.weight_decay, (int, float)) or not 0 <= r.weight_decay < 1:
-        raise ValueError(f"--weight-decay must be a number in [0, 1), got {r.weight_decay!r}")
+    check_fraction("weight_decay", r.weight_decay, allow_zero=True)
     if r.min_size > r.max_size:
         raise ValueError(f"--min-size {r.min_size} must not exceed --max-size {r.max_size}")
     for name in ("anchor_sizes", "aspect_ratios"):
         values = getattr(r, name)
-        if not isinstance(values, tuple) or not values or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values):
+        if not isinstance(values, tuple) or not values or any(not is_real(v) or not v > 0 for v in values):
             raise ValueError(f"--{flag(name)} must be positive numbers, got {values!r}")
     check_milestones(r.lr_milestones)
     if not isinstance(r.flip, bool):
@@ -133,8 +131,8 @@ def validate_detection(config: DetectionConfig) -> None:
 
 
 def check_fraction(name: str, value: object, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value if allow_zero else 0 < value) \
-            or not value <= 1:
+    above_lower_end = is_real(value) and (value >= 0 if allow_zero else value > 0)
+    if not above_lower_end or not value <= 1:
         raise ValueError(f"--{flag(name)} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
 
 
