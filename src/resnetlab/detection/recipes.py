@@ -53,7 +53,7 @@ DETECTION_RECIPES: dict[str, DetectionRecipe] = {
     "voc": DetectionRecipe(name="voc", images_per_batch=1, lr=0.001, iterations=80_000, lr_milestones=(60_000,)),
     "coco": DetectionRecipe(name="coco", images_per_batch=8, lr=0.001, iterations=320_000,
                             lr_milestones=(240_000,), anchor_sizes=(64, 128, 256, 512)),
-    "small": DetectionRecipe(name="small", images_per_batch=2, lr=0.02, iterations=800, lr_milestones=(640,),
+    "small": DetectionRecipe(name="small", images_per_batch=2, lr=0.02, iterations=3200, lr_milestones=(2560,),
                              weight_decay=1e-4, min_size=128, max_size=192, anchor_sizes=(16, 32, 64, 128),
                              roi_pool_size=4, rpn_pre_nms_train=1000, rpn_post_nms_train=300, rpn_pre_nms_test=500,
                              rpn_post_nms_test=50, rois_per_image=32, box_nms_threshold=0.5),
