@@ -27,8 +27,8 @@ from resnetlab.detection.recipes import DetectionConfig, validate_detection
 from resnetlab.files import write_json_atomically
 from resnetlab.precision import pick_device
 from resnetlab.progress import Progress
-from resnetlab.train import (LrSchedule, NonFiniteLossError, append_jsonl, check_finite_weights, ensure_writable,
-                             forget_metrics_after, last_good_state)
+from resnetlab.train import (LrSchedule, MetricsLog, NonFiniteLossError, check_finite_weights, ensure_writable,
+                             last_good_state)
 
 TASK = "detection"  # marks a detection checkpoint apart from a classification one
 # The recipe fields that shape the network (the rest only shape training); stored so evaluate/predict rebuild it.
@@ -64,8 +64,9 @@ def train_detector(config: DetectionConfig, *, resume: bool = False, progress: b
     window: dict[str, float] = {}
     batches_in_window = 0
     session_start = time.perf_counter()
+    metrics = MetricsLog(out, run.start, tensorboard=False)
     if config.eval_every and run.start == 0:  # where the curve starts: an untrained detector's metrics
-        append_jsonl(out / "metrics.jsonl", {"iteration": 0, **evaluation_record(run)})
+        metrics.write({"iteration": 0, **evaluation_record(run)})
     window_start = time.perf_counter()
     run.model.train()
     batches = training_batches(run.data.train, batch_size=recipe.images_per_batch, seed=config.seed,
@@ -96,7 +97,7 @@ def train_detector(config: DetectionConfig, *, resume: bool = False, progress: b
             if evaluate_now:
                 record.update(evaluation_record(run))
                 run.model.train()
-            append_jsonl(out / "metrics.jsonl", record)
+            metrics.write(record)
             window, batches_in_window = {}, 0
             window_start = time.perf_counter()
         if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
@@ -134,7 +135,6 @@ def prepare(config: DetectionConfig, resume: bool) -> DetectionRun:
         run.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["torch"])
         run.start, run.elapsed = state["iteration"], state["elapsed_seconds"]
-    forget_metrics_after(out / "metrics.jsonl", run.start)
     return run
 
 
