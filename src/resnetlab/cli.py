@@ -115,6 +115,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return print_report(args.out)
 
 
+def cmd_detect_train(args: argparse.Namespace) -> int:
+    from resnetlab.detection import require_detection_extra
+
+    require_detection_extra()
+    from resnetlab.detection.recipes import DETECTION_KEYS, resolve_detection_config
+    from resnetlab.detection.train import resume_detection_config, train_detector
+
+    if args.resume:
+        config = resume_detection_config(args.resume)
+    else:
+        overrides = {key: getattr(args, key) for key in DETECTION_KEYS if hasattr(args, key)}
+        config = resolve_detection_config(args.recipe, args.config, **overrides)
+    summary = train_detector(config, resume=bool(args.resume), progress=not args.quiet)
+    metrics = summary["metrics"]
+    shown = ", ".join(f"{name} {100 * metrics[name]:.1f}" for name in ("mAP", "mAP@.5", "mAP_07", "mAP_area")
+                      if name in metrics)
+    print(f"{summary['model']} Faster R-CNN on {summary['dataset']}: {summary['iterations']} iterations in "
+          f"{summary['wall_seconds']:.0f} s, BN {summary['batch_norm']}; {summary['eval_split']}: {shown}")
+    print(f"wrote {config.out}/summary.json, checkpoint.pt, metrics.jsonl")
+    return 0
+
+
+def cmd_detect_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from resnetlab.detection import require_detection_extra
+
+    require_detection_extra()
+    from resnetlab.detection.train import evaluate_detector
+
+    result = evaluate_detector(args.checkpoint, args.data, args.split, device=args.device)
+    summary = result.pop("summary", None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif summary is not None:
+        print(f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['images']:,} images), "
+              f"COCOeval:\n{summary}", end="")
+    else:
+        for name, ap in result["per_class"].items():
+            print(f"  {name:<12} AP07 {100 * ap['ap_07']:5.1f}  AP {100 * ap['ap_area']:5.1f}")
+        print(f"{result['checkpoint']} on {result['data']} ({result['split']}, {result['images']:,} images): "
+              f"mAP (VOC07 11-point) {100 * result['mAP_07']:.1f}, mAP (area) {100 * result['mAP_area']:.1f}")
+    return 0
+
+
+def cmd_detect_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from resnetlab.detection import require_detection_extra
+
+    require_detection_extra()
+    from resnetlab.detection.train import predict_detections
+
+    results = predict_detections(args.checkpoint, args.images, score_threshold=args.score_threshold,
+                                 out_dir=args.out, device=args.device)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def print_report(out: str) -> int:
     from resnetlab.report import REPORT_NAME
 
@@ -201,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): bf16 where the CPU has AMX, else fp32")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("detect", help="Faster R-CNN object detection on a ResNet or VGG-16 backbone (paper Sec. 4.3; "
+                       "needs pip install -e '.[detection]')")
+    add_detect_commands(p.add_subparsers(dest="detect_command", required=True, metavar="ACTION"))
+
     p = sub.add_parser("bench", help="images/s of the default training or inference path beside a reference")
     p.add_argument("what", choices=["train", "infer"])
     p.add_argument("--model", required=True, help="a name from `resnetlab models`")
@@ -241,6 +304,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def add_detect_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a detector (the recipe's settings, overridden by --config and flags)")
+    p.add_argument("--model", help="backbone: a name from `resnetlab models` (e.g. resnet101, plain34) or vgg16")
+    p.add_argument("--data", help="coco:PATH (annotations/instances_<split>.json + <split>/) or voc:PATH "
+                   "(VOCdevkit/VOC2007)")
+    p.add_argument("--out", help="the run directory (created)")
+    p.add_argument("--recipe", default="voc", help="preset: voc (default), coco (the paper's) or small (CPU checks)")
+    p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    p.add_argument("--backbone-weights", metavar="PATH", help="a resnetlab run directory or checkpoint, or a "
+                   "torchvision-format state_dict (.pth or .safetensors); BN is then frozen. Default: from scratch, "
+                   "BN trained")
+    p.add_argument("--train-split", help="default: train2017 (COCO), trainval (VOC)")
+    p.add_argument("--eval-split", help="default: val2017 (COCO), test (VOC)")
+    p.add_argument("--iterations", type=int, help="total iterations; the lr milestones scale with it")
+    p.add_argument("--images-per-batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-size", type=int, help="shorter image side, pixels (paper: 600)")
+    p.add_argument("--max-size", type=int, help="longest image side, pixels (paper: 1000)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
+    p.add_argument("--checkpoint-every", type=int, metavar="K")
+    p.add_argument("--eval-every", type=int, metavar="K")
+    p.add_argument("--log-every", type=int, metavar="K")
+    p.add_argument("--workers", type=int, help="DataLoader processes decoding images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_detect_train)
+
+    p = sub.add_parser("evaluate", help="COCO mAP (pycocotools) or VOC AP per class of a trained detector")
+    p.add_argument("checkpoint", metavar="CKPT", help="a detection checkpoint.pt or the run directory holding it")
+    p.add_argument("--data", help="coco:PATH or voc:PATH (default: the one it was trained on)")
+    p.add_argument("--split", help="default: the run's evaluation split")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_detect_evaluate)
+
+    p = sub.add_parser("predict", help="detections in image files: JSON, and the images with the boxes drawn")
+    p.add_argument("checkpoint", metavar="CKPT", help="a detection checkpoint.pt or the run directory holding it")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="smallest score shown (default 0.5)")
+    p.add_argument("--out", default="detections", metavar="DIR",
+                   help="where IMAGE.detections.png are written (default ./detections)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_detect_predict)
 
 
 def depth_list(text: str) -> tuple[int, ...]:

@@ -50,9 +50,14 @@ class Recipe:
 
     def with_iterations(self, iterations: int) -> Recipe:
         """The same recipe over `iterations`: the lr milestones keep their place relative to the end."""
-        check_positive_int("iterations", iterations)
-        milestones = tuple(max(1, round(m * iterations / self.iterations)) for m in self.lr_milestones)
-        return replace(self, iterations=iterations, lr_milestones=milestones)
+        return replace(self, iterations=iterations,
+                       lr_milestones=rescaled_milestones(self.lr_milestones, self.iterations, iterations))
+
+
+def rescaled_milestones(milestones: tuple[int, ...], old_iterations: int, iterations: int) -> tuple[int, ...]:
+    """The milestones of a schedule of `old_iterations` moved to the same place relative to `iterations`."""
+    check_positive_int("iterations", iterations)
+    return tuple(max(1, round(m * iterations / old_iterations)) for m in milestones)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -116,6 +121,14 @@ def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, *
     The TOML file and the overrides take the same keys: any TrainConfig field, any Recipe field, and `recipe`
     (a preset name; only in TOML). Changing `iterations` rescales the lr milestones unless they are given too.
     """
+    config = merge_settings(RECIPES, TrainConfig, recipe, toml_path, overrides)
+    validate(config)
+    return config
+
+
+def merge_settings(presets: dict, config_class: type, recipe: str, toml_path: str | Path | None, overrides: dict):
+    """A `config_class` (a dataclass with a `recipe` field, like TrainConfig) from the preset named `recipe` (or
+    by the TOML file), the TOML file's settings and the overrides, in that order; not yet validated."""
     values: dict = {}
     if toml_path is not None:
         values.update(read_toml(toml_path))
@@ -124,21 +137,22 @@ def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, *
         if isinstance(values.get(key), os.PathLike):
             values[key] = os.fspath(values[key])
     preset_name = values.pop("recipe", recipe)
-    if not isinstance(preset_name, str) or preset_name not in RECIPES:
-        raise ValueError(f"--recipe {preset_name!r} is not a preset; choose one of {', '.join(RECIPES)}")
-    unknown = sorted(set(values) - set(RUN_KEYS) - set(RECIPE_KEYS))
+    if not isinstance(preset_name, str) or preset_name not in presets:
+        raise ValueError(f"--recipe {preset_name!r} is not a preset; choose one of {', '.join(presets)}")
+    chosen = presets[preset_name]
+    run_keys = tuple(f.name for f in fields(config_class) if f.name != "recipe")
+    recipe_keys = tuple(f.name for f in fields(chosen) if f.name != "name")
+    unknown = sorted(set(values) - set(run_keys) - set(recipe_keys))
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(RUN_KEYS + RECIPE_KEYS)}")
-    chosen = RECIPES[preset_name]
-    recipe_values = {k: values.pop(k) for k in RECIPE_KEYS if k in values}
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(run_keys + recipe_keys)}")
+    recipe_values = {k: values.pop(k) for k in recipe_keys if k in values}
     if "iterations" in recipe_values:
         chosen = chosen.with_iterations(recipe_values.pop("iterations"))
-    if isinstance(recipe_values.get("lr_milestones"), list):  # TOML arrays are lists; validate checks the rest
-        recipe_values["lr_milestones"] = tuple(recipe_values["lr_milestones"])
-    missing = {name: None for name in ("model", "data", "out")}  # validate names the ones still None
-    config = TrainConfig(recipe=replace(chosen, **recipe_values), **{**missing, **values})
-    validate(config)
-    return config
+    for key, value in recipe_values.items():  # TOML arrays are lists; validation checks the rest
+        if isinstance(value, list):
+            recipe_values[key] = tuple(value)
+    missing = {name: None for name in ("model", "data", "out")}  # validation names the ones still None
+    return config_class(recipe=replace(chosen, **recipe_values), **{**missing, **values})
 
 
 def read_toml(path: str | Path) -> dict:
@@ -174,10 +188,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(r, name)
         if not is_real(value) or not 0 < value <= 1:
             raise ValueError(f"--{flag(name)} must be in (0, 1], got {value!r}")
-    milestones = r.lr_milestones
-    if (not isinstance(milestones, tuple) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
-                                                 for m in milestones) or list(milestones) != sorted(milestones)):
-        raise ValueError(f"--lr-milestones must be increasing positive iterations, got {milestones!r}")
+    check_milestones(r.lr_milestones)
     if r.augment not in AUGMENTS:
         raise ValueError(f"--augment {r.augment!r} is not valid; choose one of {', '.join(AUGMENTS)}")
     for name in ("plateau_patience", "warmup_min_depth", "padding"):
@@ -214,6 +225,12 @@ def validate(config: TrainConfig) -> None:
     if not isinstance(config.data, str):
         raise ValueError(f"--data is required: a dataset spec, one of {SPEC_FORMS}")
     parse_spec(config.data)  # names the valid dataset kinds
+
+
+def check_milestones(milestones: object) -> None:
+    if (not isinstance(milestones, tuple) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                                 for m in milestones) or list(milestones) != sorted(milestones)):
+        raise ValueError(f"--lr-milestones must be increasing positive iterations, got {milestones!r}")
 
 
 def flag(name: str) -> str:
