@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from resnetlab.bench import train_step
+from resnetlab.bench import next_step
 from resnetlab.models import create_model
 
 CONFIGS = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing")
@@ -38,7 +38,7 @@ def measure(model_name: str, config: str, batch_size: int, steps: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     batches = itertools.repeat((x, y))
     for _ in range(steps):
-        train_step(model, optimizer, batches, precision=precision, layout=torch.channels_last)
+        next_step(model, optimizer, batches, precision=precision, layout=torch.channels_last)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"model": model_name, "config": config, "peak_rss_gib": peak / 2**20, "before_steps_gib": before / 2**20}
 

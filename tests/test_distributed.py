@@ -170,7 +170,7 @@ def first_loss_with_statistics_per_process(out: Path, processes: int) -> float:
         shard = replace(run, context=distributed.Context(rank=rank, world_size=processes))
         images, labels = next(iter(training.training_batches(shard)))
         with torch.no_grad():
-            shard_losses.append(F.cross_entropy(run.model(run.normalize(images)), labels).item())
+            shard_losses.append(F.cross_entropy(run.trained(run.normalize(images)), labels).item())
     return sum(shard_losses) / processes
 
 

@@ -163,7 +163,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     poison_loss_at(monkeypatch, 8)
     path = Path(config.out) / "checkpoint.pt"
     with pytest.raises(NonFiniteLossError, match=re.escape(
-            f"the training loss became nan at iteration 8 (lr 0.1); stopped. {path} holds the last good state")):
+            f"the training loss became nan by iteration 8 (lr 0.1); stopped. {path} holds the last good state")):
         train(config, progress=False)
     assert load_checkpoint(path)["iteration"] == 5
     assert logged_iterations(config.out) == list(range(1, 8))
@@ -173,7 +173,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     poison_loss_at(monkeypatch, 2)
-    with pytest.raises(NonFiniteLossError, match=r"at iteration 2 \(lr 0\.1\); stopped\. no checkpoint had been "):
+    with pytest.raises(NonFiniteLossError, match=r"by iteration 2 \(lr 0\.1\); stopped\. no checkpoint had been "):
         train(tiny_config(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
@@ -181,9 +181,9 @@ def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
 def test_diverging_weights_never_become_a_checkpoint(tmp_path):
     # With a huge lr the BN running variances overflow to inf while the training-mode loss is still finite.
     config = tiny_config(tmp_path / "out", lr=1e10, checkpoint_every=1)
-    with pytest.raises(NonFiniteLossError, match=r"became (NaN or inf|nan|inf) at iteration (\d+)") as error:
+    with pytest.raises(NonFiniteLossError, match=r"became (NaN or inf|nan|inf) (at|by) iteration (\d+)") as error:
         train(config, progress=False)
-    failed_at = int(re.search(r"at iteration (\d+)", str(error.value)).group(1))
+    failed_at = int(re.search(r"(?:at|by) iteration (\d+)", str(error.value)).group(1))
     state = load_checkpoint(config.out)
     assert state["iteration"] == failed_at - 1
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
@@ -260,3 +260,17 @@ def test_resnet20_on_real_mnist_reaches_3_percent(shared_data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert "8,000 train / 2,000 test" in summary["data_note"]
     assert summary["test_top1_error"] <= 0.03, summary
+
+
+@pytest.mark.parametrize("warms_up", [False, True])
+def test_the_loop_reads_the_loss_only_at_log_points_unless_a_deep_net_warms_up(tmp_path, monkeypatch, warms_up):
+    """Reading a loss waits for the device: between log points the loop must not, except during a warm-up, whose
+    lr depends on each batch's error. Every read goes through mean_over_processes (the all-reduce when distributed)."""
+    reads = []
+    mean = training.distributed.mean_over_processes
+    monkeypatch.setattr(training.distributed, "mean_over_processes",
+                        lambda values, context: reads.append(len(values)) or mean(values, context))
+    warm_up = {"warmup_min_depth": 20, "warmup_until_error": 1e-9} if warms_up else {}  # a warm-up that never ends
+    train(tiny_config(tmp_path / "out", iterations=20, log_every=10, **warm_up), progress=False)
+    assert len(reads) == (20 + 2 if warms_up else 2)
+    assert [line["iteration"] for line in read_metrics(tmp_path / "out")] == [10, 20]

@@ -32,8 +32,9 @@ from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
 from resnetlab.export import fast_inference
 from resnetlab.models import create_model, model_family
-from resnetlab.precision import autocast, bf16_is_faster, cpu_has_bf16, memory_format
+from resnetlab.precision import bf16_is_faster, cpu_has_bf16, memory_format
 from resnetlab.recipes import RECIPES, TrainConfig
+from resnetlab.train import training_step
 
 SYNTHETIC_IMAGES = 2048
 NUM_CLASSES = 10
@@ -131,17 +132,13 @@ def synthetic_dataset(image_shape: tuple[int, int, int], size: int = SYNTHETIC_I
     return ArrayDataset(images, torch.randint(0, NUM_CLASSES, (size,), generator=generator))
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, *,
-               precision: str, layout: torch.memory_format, normalize: Normalize | None = None) -> int:
-    """One SGD step as resnetlab.train takes it (normalize is None when the batches come normalized)."""
+def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, *, precision: str,
+              layout: torch.memory_format, normalize: Normalize | None = None) -> int:
+    """resnetlab.train's step on the next batch (normalize is None when the batches come normalized); returns
+    the batch size once the step has finished (the returned loss is read, as a log point would)."""
     images, labels = next(batches)
     x = (normalize(images) if normalize else images).contiguous(memory_format=layout)
-    with autocast(torch.device("cpu"), precision):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    training_step(model, optimizer, x, labels, device=torch.device("cpu"), precision=precision).tolist()
     return len(labels)
 
 
@@ -164,7 +161,7 @@ def train_paths(model_name: str, batch_size: int) -> dict[str, Callable[[], int]
             batches = array_batches(data, batch_size=batch_size, seed=0, start=0, stop=2**62,
                                     padding=recipe.padding, flip=True)
             normalize = Normalize.fit(data.images)
-        return lambda: train_step(model, optimizer, batches, precision=precision, layout=layout,
+        return lambda: next_step(model, optimizer, batches, precision=precision, layout=layout,
                                   normalize=normalize)
 
     paths = {"reference (fp32, NCHW, per-image DataLoader)": make_step("fp32", False, reference=True),

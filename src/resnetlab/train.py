@@ -83,8 +83,8 @@ class Run:
 
     config: TrainConfig
     data: DataSplits
-    model: torch.nn.Module  # wrapped in DistributedDataParallel in a distributed run
-    network: torch.nn.Module  # the model itself, whose state_dict is saved
+    network: torch.nn.Module  # the ResNet itself: evaluated, and its state_dict saved
+    trained: torch.nn.Module  # what the training step calls: the network, or it wrapped in DistributedDataParallel
     model_kwargs: dict
     normalize: Normalize
     optimizer: torch.optim.Optimizer
@@ -101,53 +101,50 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     """Train as `config` says; with `resume`, continue from the checkpoint in config.out. Returns the summary."""
     run = prepare(config, resume)
     out, recipe, context = Path(config.out), config.recipe, run.context
-    model, device, layout = run.model, run.device, memory_format(config.channels_last)
-    model.train()
-    step = torch.compile(model) if config.compile else graphed(run) if config.cuda_graphs else model
+    device, layout = run.device, memory_format(config.channels_last)
+    run.trained.train()
+    forward = torch.compile(run.trained) if config.compile else graphed(run) if config.cuda_graphs else run.trained
     bar = Progress(recipe.iterations, config.model, start=run.start, enabled=progress and context.is_main)
-    window = torch.zeros(3, dtype=torch.float64)  # loss sum, error sum, batches since the last log line
+    # Loss and error sums since the last log line stay on the device: the loop reads them (and waits for the device)
+    # only at log points, and every batch only while a deep net warms up, whose lr depends on each batch's error.
+    window, batches_in_window, shown = torch.zeros(2, dtype=torch.float64, device=device), 0, {}
     session_start = window_start = time.perf_counter()
-    images_per_second = 0.0
     for iteration, (images, labels) in enumerate(training_batches(run), start=run.start):
         lr = run.schedule.lr(iteration)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         x = run.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=layout)
-        y = labels.to(device, non_blocking=True)
-        with autocast(device, config.precision):
-            logits = step(x)
-        loss = F.cross_entropy(logits.float(), y)
-        error = (logits.argmax(1) != y).float().mean()
-        loss_and_error = distributed.mean_over_processes(torch.stack([loss.detach(), error]), context).tolist()
-        if not math.isfinite(loss_and_error[0]):
-            raise NonFiniteLossError(f"the training loss became {loss_and_error[0]} at iteration {iteration + 1} "
-                                     f"(lr {lr:g}); stopped. {last_good_state(out)}")
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.schedule.observe_batch_error(loss_and_error[1])
-        window += torch.tensor([*loss_and_error, 1.0], dtype=torch.float64)
+        loss_and_error = training_step(forward, run.optimizer, x, labels.to(device, non_blocking=True),
+                                       device=device, precision=config.precision)
+        window += loss_and_error
+        batches_in_window += 1
+        if run.schedule.warming_up:
+            run.schedule.observe_batch_error(distributed.mean_over_processes(loss_and_error, context)[1].item())
 
         done = iteration + 1
         evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
-        log_now = done % config.log_every == 0 or evaluate_now
-        if log_now:
-            now = time.perf_counter()
-            images_per_second = window[2].item() * recipe.batch_size / (now - window_start)
-            record = {"iteration": done, "lr": lr, "train_loss": window[0].item() / window[2].item(),
-                      "train_error": window[1].item() / window[2].item(), "images_per_second": images_per_second}
+        if done % config.log_every == 0 or evaluate_now:
+            train_loss, train_error = (distributed.mean_over_processes(window, context) / batches_in_window).tolist()
+            if not math.isfinite(train_loss):
+                raise NonFiniteLossError(f"the training loss became {train_loss} by iteration {done} (lr {lr:g}); "
+                                         f"stopped. {last_good_state(out)}")
+            images_per_second = batches_in_window * recipe.batch_size / (time.perf_counter() - window_start)
+            record = {"iteration": done, "lr": lr, "train_loss": train_loss, "train_error": train_error,
+                      "images_per_second": images_per_second}
             if evaluate_now:  # every process's schedule sees rank 0's errors
                 record.update(distributed.on_main(context, lambda: held_out_errors(run)))
                 run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
             if run.metrics:
                 run.metrics.write(record)
+            shown = {"loss": f"{train_loss:.3f}", "err": f"{100 * train_error:.1f}%",
+                     "img_s": f"{images_per_second:.0f}"}
             window.zero_()
+            batches_in_window = 0
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
             check_finite_weights(run.network, done, out)
             save_state(run, done, run.elapsed + time.perf_counter() - session_start)
-        bar.update(done, loss=f"{loss_and_error[0]:.3f}", err=f"{100 * loss_and_error[1]:.1f}%",
-                   img_s=f"{images_per_second:.0f}")
+        bar.update(done, **shown)
     bar.close()
     if run.metrics:
         run.metrics.close()
@@ -181,13 +178,13 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
         network.freeze_backbone()
     network = network.to(device, memory_format=memory_format(config.channels_last))
     network.activation_checkpointing = config.activation_checkpointing
-    model = distributed.wrap(network, context, device, config.sync_bn)
+    trained = distributed.wrap(network, context, device, config.sync_bn)
     recipe = config.recipe
     optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     depth = MODELS[config.model][1]
     schedule = LrSchedule(recipe, warm_up=bool(recipe.warmup_min_depth) and depth >= recipe.warmup_min_depth)
-    run = Run(config, data, model, network, model_kwargs, fit_normalize(data, recipe), optimizer, schedule,
+    run = Run(config, data, network, trained, model_kwargs, fit_normalize(data, recipe), optimizer, schedule,
               device, context, init=origin)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -197,6 +194,19 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     if context.is_main:
         run.metrics = MetricsLog(out, run.start, tensorboard=config.tensorboard)
     return run
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+                  device: torch.device, precision: str) -> torch.Tensor:
+    """One SGD step on a normalized batch; returns [loss, error] of the batch as a tensor, without waiting for it."""
+    with autocast(device, precision):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    error = (logits.argmax(1) != y).float().mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss.detach(), error]).double()
 
 
 def graphed(run: Run) -> torch.nn.Module:
@@ -212,7 +222,7 @@ def graphed(run: Run) -> torch.nn.Module:
     sample = torch.zeros(batch, data.in_channels, data.image_size, data.image_size, device=run.device)
     sample = sample.contiguous(memory_format=memory_format(run.config.channels_last))
     saved = {name: value.clone() for name, value in run.network.state_dict().items()}
-    model = torch.cuda.make_graphed_callables(run.model, (sample,))
+    model = torch.cuda.make_graphed_callables(run.trained, (sample,))
     run.network.load_state_dict(saved)  # copies in place: the graphs keep reading the same tensors
     return model
 
