@@ -125,7 +125,8 @@ def test_toml_flat_keys_and_recipe_table(tmp_path):
 
 def test_toml_can_pick_the_preset_and_its_iterations_rescale_the_milestones(tmp_path):
     path = write_toml(tmp_path, 'recipe = "imagenet"\nmodel = "resnet18"\ndata = "digits"\nout = "o"\n')
-    assert resolve_config("cifar", path).recipe == RECIPES["imagenet"]
+    assert resolve_config(None, path).recipe == RECIPES["imagenet"]
+    assert resolve_config("cifar", path).recipe == RECIPES["cifar"]  # the flag wins over the file
     path = write_toml(tmp_path, 'model = "resnet20"\ndata = "digits"\nout = "o"\niterations = 640\n')
     assert resolve_config("cifar", path).recipe.lr_milestones == (320, 480)
 
@@ -145,6 +146,16 @@ def test_flags_override_the_toml_file_through_the_cli(tmp_path, capsys):
     assert (recipe["lr"], recipe["batch_size"], recipe["lr_milestones"]) == (0.3, 16, [2, 3])
     assert [record["lr"] for record in read_metrics(out)] == pytest.approx([0.3, 0.3, 0.03, 0.003], rel=1e-12)
     assert "resnet20 on digits: 4 iterations" in capsys.readouterr().out
+
+
+def test_the_recipe_flag_beats_the_toml_files_recipe_through_the_cli(tmp_path):
+    path = write_toml(tmp_path, 'recipe = "imagenet"\nmodel = "resnet20"\ndata = "digits"\niterations = 2\n'
+                                "batch_size = 8\n")
+    for flags, preset in (([], "imagenet"), (["--recipe", "cifar"], "cifar")):
+        out = tmp_path / preset
+        assert cli_main(["train", "--config", str(path), "--out", str(out), *flags, "--quiet"]) == 0
+        recipe = json.loads((out / "summary.json").read_text())["config"]["recipe"]
+        assert (recipe["name"], recipe["batch_size"], recipe["iterations"]) == (preset, 8, 2)
 
 
 def test_fine_tuning_settings_from_toml_and_a_path_object(tmp_path):

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run with its own settings; it takes no --config FILE.toml")
         config = resume_config(args.resume, {**overrides, "recipe": args.recipe})
     else:
-        config = resolve_config(args.recipe or "cifar", args.config, **overrides)
+        config = resolve_config(args.recipe, args.config, **overrides)
         if not config.model or not config.data:
             raise ValueError("--model and --data are required (or give them in --config FILE.toml)")
     summary = train(config, resume=bool(args.resume), progress=not args.quiet)
@@ -312,7 +312,7 @@ def add_detect_commands(sub) -> None:
     p.add_argument("--data", help="coco:PATH (annotations/instances_<split>.json + <split>/) or voc:PATH "
                    "(VOCdevkit/VOC2007)")
     p.add_argument("--out", help="the run directory (created)")
-    p.add_argument("--recipe", default="voc", help="preset: voc (default), coco (the paper's) or small (CPU checks)")
+    p.add_argument("--recipe", help="preset: voc (default), coco (the paper's) or small (CPU checks)")
     p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
     p.add_argument("--backbone-weights", metavar="PATH", help="a resnetlab run directory or checkpoint, or a "

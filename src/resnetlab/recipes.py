@@ -115,28 +115,32 @@ RUN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "recipe")
 RECIPE_KEYS = tuple(f.name for f in fields(Recipe) if f.name != "name")
 
 
-def resolve_config(recipe: str = "cifar", toml_path: str | Path | None = None, **overrides) -> TrainConfig:
-    """Build a TrainConfig from a preset, a TOML file and overrides (None values are ignored).
+def resolve_config(recipe: str | None = None, toml_path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Build a TrainConfig from a preset, a TOML file and overrides (None values are ignored): flags beat the TOML
+    file, which beats the preset (`recipe`, else the TOML file's `recipe`, else cifar).
 
-    The TOML file and the overrides take the same keys: any TrainConfig field, any Recipe field, and `recipe`
-    (a preset name; only in TOML). Changing `iterations` rescales the lr milestones unless they are given too.
+    The TOML file and the overrides take the same keys: any TrainConfig field and any Recipe field; the TOML file
+    may also name the preset. Changing `iterations` rescales the lr milestones unless they are given too.
     """
     config = merge_settings(RECIPES, TrainConfig, recipe, toml_path, overrides)
     validate(config)
     return config
 
 
-def merge_settings(presets: dict, config_class: type, recipe: str, toml_path: str | Path | None, overrides: dict):
-    """A `config_class` (a dataclass with a `recipe` field, like TrainConfig) from the preset named `recipe` (or
-    by the TOML file), the TOML file's settings and the overrides, in that order; not yet validated."""
+def merge_settings(presets: dict, config_class: type, recipe: str | None, toml_path: str | Path | None,
+                   overrides: dict):
+    """A `config_class` (a dataclass with a `recipe` field, like TrainConfig) from a preset, the TOML file's settings
+    and the overrides, each winning over the one before; not yet validated. The preset is `recipe` when given (the
+    --recipe flag), else the TOML file's `recipe`, else the first of `presets`."""
     values: dict = {}
     if toml_path is not None:
         values.update(read_toml(toml_path))
+    toml_recipe = values.pop("recipe", next(iter(presets)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("out", "init"):  # paths are stored as strings: the config goes into JSON and checkpoints
         if isinstance(values.get(key), os.PathLike):
             values[key] = os.fspath(values[key])
-    preset_name = values.pop("recipe", recipe)
+    preset_name = recipe if recipe is not None else toml_recipe
     if not isinstance(preset_name, str) or preset_name not in presets:
         raise ValueError(f"--recipe {preset_name!r} is not a preset; choose one of {', '.join(presets)}")
     chosen = presets[preset_name]

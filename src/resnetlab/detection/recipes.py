@@ -86,7 +86,7 @@ class DetectionConfig:
         return cls(recipe=DetectionRecipe(**recipe), **values)
 
 
-def resolve_detection_config(recipe: str = "voc", toml_path=None, **overrides) -> DetectionConfig:
+def resolve_detection_config(recipe: str | None = None, toml_path=None, **overrides) -> DetectionConfig:
     """Preset, TOML file and overrides (None values ignored), checked; keys as in resnetlab.recipes."""
     config = merge_settings(DETECTION_RECIPES, DetectionConfig, recipe, toml_path, overrides)
     validate_detection(config)
