@@ -159,7 +159,9 @@ def test_presets_toml_and_flags_resolve_in_that_order(tmp_path):
     from resnetlab.detection.recipes import DETECTION_RECIPES, DetectionConfig, resolve_detection_config
 
     (tmp_path / "run.toml").write_text('recipe = "coco"\nanchor_sizes = [32, 64]\nlr = 0.01\n')
-    config = resolve_detection_config("voc", tmp_path / "run.toml", model="resnet50", data="coco:x", out="o",
+    flagged = resolve_detection_config("voc", tmp_path / "run.toml", model="resnet50", data="coco:x", out="o")
+    assert flagged.recipe.name == "voc" and flagged.recipe.lr == 0.01  # --recipe beats the file's, its lr stays
+    config = resolve_detection_config(None, tmp_path / "run.toml", model="resnet50", data="coco:x", out="o",
                                       lr=0.02, iterations=3200)
     assert config.recipe.name == "coco" and config.recipe.anchor_sizes == (32, 64) and config.recipe.lr == 0.02
     assert config.recipe.lr_milestones == (2400,)  # the preset's 240k of 320k, at the same fraction
