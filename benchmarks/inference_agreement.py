@@ -16,7 +16,6 @@ import torch
 
 from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize
-from resnetlab.data.batches import evaluation_batches
 from resnetlab.data.formats import load_dataset
 from resnetlab.export import fast_inference
 
@@ -24,7 +23,7 @@ from resnetlab.export import fast_inference
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, data, normalize: Normalize) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
-    for images, batch_labels in evaluation_batches(data, 500, 0, None):
+    for images, batch_labels in data.evaluation_batches(500):
         logits.append(model(normalize(images)).float())
         labels.append(batch_labels)
     return torch.cat(logits), torch.cat(labels)

@@ -26,7 +26,7 @@ from resnetlab.data import (
     download,
     formats,
     load_dataset,
-    parse_spec,
+    DatasetSpec,
     stratified_split,
 )
 
@@ -550,17 +550,18 @@ def test_archive_with_path_traversal_is_refused(server, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_parse_spec():
-    assert parse_spec("cifar10:/a/b") == ("cifar10", Path("/a/b"))
-    assert parse_spec("digits") == ("digits", None)
-    assert parse_spec("mnist") == ("mnist", None)
+def test_dataset_spec_parses_kind_and_path():
+    spec = DatasetSpec.parse("cifar10:/a/b")
+    assert (spec.kind, spec.path) == ("cifar10", Path("/a/b"))
+    assert DatasetSpec.parse("digits") == ("digits", None)
+    assert DatasetSpec.parse("mnist") == ("mnist", None)
     with pytest.raises(ValueError, match="unknown dataset 'imagenet:/x': valid kinds are cifar10:PATH, "
                                          "cifar100:PATH, mnist:PATH, folder:PATH, digits"):
-        parse_spec("imagenet:/x")
+        DatasetSpec.parse("imagenet:/x")
     with pytest.raises(ValueError, match="digits takes no path"):
-        parse_spec("digits:/x")
+        DatasetSpec.parse("digits:/x")
     with pytest.raises(ValueError, match="folder needs a path"):
-        parse_spec("folder")
+        DatasetSpec.parse("folder")
 
 
 def test_val_size_must_leave_training_images():

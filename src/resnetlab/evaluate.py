@@ -29,19 +29,17 @@ An ensemble averages the softmax scores of several checkpoints, each with its ow
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path, load_model
-from resnetlab.data.augment import CenterCrop, Normalize, resized_size, resize_shorter, ten_crops
-from resnetlab.data.batches import evaluation_batches, padding_for
-from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, FolderDataset, load_dataset, parse_spec
+from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
+from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, DatasetSpec, FolderDataset, load_dataset
 from resnetlab.export import check_inference_precision, fast_inference
 from resnetlab.precision import autocast, pick_device
 
@@ -64,7 +62,7 @@ def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, no
     model.eval()
     scores, labels = [], []
     try:
-        for images, batch_labels in evaluation_batches(data, batch_size, workers, limit):
+        for images, batch_labels in data.evaluation_batches(batch_size, workers, limit):
             x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
             with autocast(device, precision):
                 logits = model(x)
@@ -100,7 +98,7 @@ def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, nor
     images_per_batch = max(1, batch_size // TEN_CROP_VIEWS) if mode == "10crop" else batch_size
     scores, labels = [], []
     try:
-        for images, batch_labels in mode_batches(data, mode, images_per_batch, workers, limit, padding):
+        for images, batch_labels in data.test_views(mode, images_per_batch, workers, limit, padding):
             images = images.to(device, non_blocking=True)
             if mode == "10crop":  # images: (10, N, C, crop, crop), all 10N views in one forward pass
                 views = softmax(normalize(images.flatten(0, 1)))
@@ -138,36 +136,6 @@ def training_side(normalize: Normalize) -> int:
 def multiscale_sides(train_side: int) -> list[int]:
     """The paper's multi-scale shorter sides, in proportion to the training input side (224 in the paper)."""
     return [round(side * train_side / PAPER_CROP) for side in PAPER_SCALES]
-
-
-def mode_batches(data: ArrayDataset | FolderDataset, mode: str, batch_size: int, workers: int, limit: int | None,
-                 padding: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches for a mode: (10, N, C, crop, crop) crops for 10crop, whole images for multiscale (one folder
-    image per batch, since their sizes differ)."""
-    if isinstance(data, ArrayDataset):
-        size = data.images.shape[-1]
-        pad = padding_for(size, padding)
-        for images, labels in evaluation_batches(data, batch_size, limit=limit):
-            if mode == "10crop":
-                images = ten_crops(F.pad(images, (pad, pad, pad, pad)), size)
-            yield images, labels
-        return
-    ten_crop = mode == "10crop"
-    for images, labels in evaluation_batches(data, batch_size if ten_crop else 1, workers, limit,
-                                             folder_transform=FolderTenCrops() if ten_crop else None):
-        yield (images.transpose(0, 1) if ten_crop else images), labels
-
-
-class FolderTenCrops:
-    """PIL image -> uint8 (10, 3, 224, 224): the shorter side resized to 256, then `ten_crops`."""
-
-    def __init__(self, resize: int = 256, crop: int = PAPER_CROP):
-        self.resize, self.crop = resize, crop
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        resized = img.convert("RGB").resize(resized_size(img.width, img.height, self.resize), Image.BILINEAR)
-        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
-        return ten_crops(pixels[None], self.crop)[:, 0]
 
 
 def top_k_error(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -278,7 +246,7 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     side = training_side(normalize)
     spec = state.get("config", {}).get("data")
     validation = CenterCrop()
-    border = (1 - validation.crop / validation.resize) / 2 if spec and parse_spec(spec)[0] == "folder" else 0.0
+    border = (1 - validation.crop / validation.resize) / 2 if spec and DatasetSpec.parse(spec).kind == "folder" else 0.0
     images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
     scores = fast_inference(model.to(target), precision=precision)(normalize(images.to(target))).softmax(1).cpu()
     top = scores.topk(min(k, scores.shape[1]), dim=1)

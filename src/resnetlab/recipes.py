@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from resnetlab.data.formats import SPEC_FORMS, parse_spec
+from resnetlab.data.formats import SPEC_FORMS, DatasetSpec
 from resnetlab.models import MODELS, SHORTCUTS
 
 try:
@@ -228,7 +228,7 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--model {config.model!r} is not a named model; choose one of {', '.join(MODELS)}")
     if not isinstance(config.data, str):
         raise ValueError(f"--data is required: a dataset spec, one of {SPEC_FORMS}")
-    parse_spec(config.data)  # names the valid dataset kinds
+    DatasetSpec.parse(config.data)  # names the valid dataset kinds
 
 
 def check_milestones(milestones: object) -> None:

@@ -24,8 +24,7 @@ from resnetlab import distributed
 from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, load_checkpoint, load_weights,
                                   read_weights, restore_weights, save_checkpoint)
 from resnetlab.data.augment import Normalize
-from resnetlab.data.batches import array_batches, evaluation_batches, folder_batches, padding_for
-from resnetlab.data.formats import ArrayDataset, DataSplits, load_dataset
+from resnetlab.data.formats import DataSplits, load_dataset
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.files import write_json_atomically
 from resnetlab.models import MODELS, create_model
@@ -228,22 +227,17 @@ def graphed(run: Run) -> torch.nn.Module:
 
 
 def training_batches(run: Run):
-    config, recipe, data, context = run.config, run.config.recipe, run.data, run.context
+    config, recipe, context = run.config, run.config.recipe, run.context
     if recipe.batch_size % context.world_size:
         raise ValueError(f"--batch-size {recipe.batch_size} must be divisible by the {context.world_size} processes")
-    shared = dict(batch_size=recipe.batch_size, seed=config.seed, start=run.start, stop=recipe.iterations,
-                  flip=data.flip, rank=context.rank, world_size=context.world_size)
-    if isinstance(data.train, ArrayDataset):
-        return array_batches(data.train, padding=padding_for(data.image_size, recipe.padding), **shared)
-    return folder_batches(data.train, workers=config.workers, **shared)
+    return run.data.train.training_batches(batch_size=recipe.batch_size, seed=config.seed, start=run.start,
+                                           stop=recipe.iterations, flip=run.data.flip, padding=recipe.padding,
+                                           workers=config.workers, rank=context.rank, world_size=context.world_size)
 
 
 def fit_normalize(data: DataSplits, recipe: Recipe) -> Normalize:
     """The paper's per-pixel mean of the training set (of up to 2,000 center crops for an image folder)."""
-    if isinstance(data.train, ArrayDataset):
-        return Normalize.fit(data.train.images, per_channel_std=recipe.per_channel_std)
-    images = torch.cat([batch for batch, _ in evaluation_batches(data.train, 250, limit=2000)])
-    return Normalize.fit(images, per_channel_std=recipe.per_channel_std)
+    return Normalize.fit(data.train.normalization_images(), per_channel_std=recipe.per_channel_std)
 
 
 def held_out_errors(run: Run) -> dict:

@@ -283,6 +283,18 @@ def ten_crops(images: torch.Tensor, crop: int) -> torch.Tensor:
     return torch.cat([corners_and_center, corners_and_center.flip(-1)])
 
 
+class FolderTenCrops:
+    """PIL image -> uint8 (10, 3, crop, crop): the shorter side resized to `resize`, then `ten_crops`."""
+
+    def __init__(self, resize: int = 256, crop: int = 224):
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        resized = img.convert("RGB").resize(resized_size(img.width, img.height, self.resize), Image.BILINEAR)
+        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+        return ten_crops(pixels[None], self.crop)[:, 0]
+
+
 def resize_shorter(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of a float (N, C, H, W) batch so min(H, W) == size, keeping the aspect ratio
     (antialiased when shrinking). Returns the input itself when it already has that size."""

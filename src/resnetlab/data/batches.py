@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from resnetlab.data.augment import CenterCrop, ScaleAugment, random_crop_flip
-from resnetlab.data.formats import ArrayDataset, FolderDataset
+
+if TYPE_CHECKING:  # the datasets call these functions: formats imports this module
+    from resnetlab.data.formats import ArrayDataset, FolderDataset
 
 # Seeds of the permutation and augmentation streams are derived from the run seed with these offsets, so they
 # never coincide with each other or with the seed of the weight initialisation.
@@ -92,18 +96,21 @@ def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: in
     yield from loader
 
 
-def evaluation_batches(data: ArrayDataset | FolderDataset, batch_size: int, workers: int = 0,
-                       limit: int | None = None, *, folder_transform: Callable | None = CenterCrop()
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches in order, without augmentation. Folder images go through `folder_transform` (by default
-    resize 256 and center 224 crop; None keeps each image whole, which needs batch_size 1 as sizes differ)."""
+def array_evaluation_batches(data: ArrayDataset, batch_size: int, limit: int | None = None
+                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches in order, without augmentation."""
     count = len(data) if limit is None else min(limit, len(data))
-    if isinstance(data, ArrayDataset):
-        for first in range(0, count, batch_size):
-            yield data.images[first:first + batch_size], data.labels[first:first + batch_size]
-        return
+    for first in range(0, count, batch_size):
+        yield data.images[first:first + batch_size], data.labels[first:first + batch_size]
+
+
+def folder_evaluation_batches(data: FolderDataset, batch_size: int, workers: int = 0, limit: int | None = None, *,
+                              transform: Callable | None = CenterCrop()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches in order, each image through `transform` (by default resize 256 and center 224 crop; None
+    keeps each image whole, which needs batch_size 1 as sizes differ)."""
+    count = len(data) if limit is None else min(limit, len(data))
     viewed = copy.copy(data)
-    viewed.transform = folder_transform
+    viewed.transform = transform
     subset = torch.utils.data.Subset(viewed, range(count))
     yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
                                            timeout=300 if workers else 0)

@@ -31,13 +31,19 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from resnetlab.data.augment import FolderTenCrops, ten_crops
+from resnetlab.data.batches import (array_batches, array_evaluation_batches, folder_batches, folder_evaluation_batches,
+                                    padding_for)
 
 KINDS = ("cifar10", "cifar100", "mnist", "folder", "digits")
 SPEC_FORMS = "cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH, digits"
@@ -92,6 +98,29 @@ class ArrayDataset:
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return ArrayDataset(self.images[index], self.labels[index])
+
+    # Each kind of dataset supplies its own batches: the trainer and the evaluation never ask which kind it is.
+
+    def training_batches(self, *, batch_size: int, seed: int, start: int, stop: int, flip: bool, padding: int,
+                         workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Padded (`padding` is for 32-pixel images, scaled to these), cropped and flipped as whole-batch ops."""
+        return array_batches(self, batch_size=batch_size, seed=seed, start=start, stop=stop, flip=flip,
+                             padding=padding_for(self.images.shape[-1], padding), rank=rank, world_size=world_size)
+
+    def evaluation_batches(self, batch_size: int, workers: int = 0, limit: int | None = None
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return array_evaluation_batches(self, batch_size, limit)
+
+    def normalization_images(self) -> torch.Tensor:
+        return self.images
+
+    def test_views(self, mode: str, batch_size: int, workers: int, limit: int | None, padding: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """10crop: (10, N, C, side, side) crops of the images padded as in training; multiscale: the images."""
+        side = self.images.shape[-1]
+        pad = padding_for(side, padding)
+        for images, labels in self.evaluation_batches(batch_size, limit=limit):
+            yield (ten_crops(F.pad(images, (pad, pad, pad, pad)), side) if mode == "10crop" else images), labels
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -165,6 +194,29 @@ class FolderDataset(torch.utils.data.Dataset):
         part.samples = [self.samples[i] for i in indices]
         return part
 
+    def training_batches(self, *, batch_size: int, seed: int, start: int, stop: int, flip: bool, padding: int,
+                         workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Scale augmentation decoded in `workers` DataLoader processes (`padding` is for array datasets)."""
+        return folder_batches(self, batch_size=batch_size, seed=seed, start=start, stop=stop, flip=flip,
+                              workers=workers, rank=rank, world_size=world_size)
+
+    def evaluation_batches(self, batch_size: int, workers: int = 0, limit: int | None = None
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return folder_evaluation_batches(self, batch_size, workers, limit)
+
+    def normalization_images(self) -> torch.Tensor:
+        """Up to 2,000 center crops: enough for a per-pixel mean, without decoding a whole large folder."""
+        return torch.cat([images for images, _ in self.evaluation_batches(250, limit=2000)])
+
+    def test_views(self, mode: str, batch_size: int, workers: int, limit: int | None, padding: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """10crop: (10, N, 3, 224, 224) crops of the images resized to 256; multiscale: each image whole, one at a
+        time, since their sizes differ."""
+        ten_crop = mode == "10crop"
+        for images, labels in folder_evaluation_batches(self, batch_size if ten_crop else 1, workers, limit,
+                                                        transform=FolderTenCrops() if ten_crop else None):
+            yield (images.transpose(0, 1) if ten_crop else images), labels
+
 
 # What Pillow raises for a damaged file besides OSError (UnidentifiedImageError is one): ValueError for a PNG whose
 # IHDR chunk claims length 0, SyntaxError for a broken chunk; both found by fuzzing (tests/test_bad_input.py).
@@ -208,29 +260,35 @@ class DataSplits:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parse_spec(spec: str) -> tuple[str, Path | None]:
-    """Split ``"kind:PATH"`` into the kind and the path (None when there is none)."""
-    kind, _, path = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind not in KINDS:
-        raise ValueError(f"unknown dataset {spec!r}: valid kinds are {SPEC_FORMS}")
-    if kind == "digits" and path:
-        raise ValueError(f"dataset {spec!r}: digits takes no path (scikit-learn bundles it); use 'digits'")
-    if kind == "folder" and not path:
-        raise ValueError(f"dataset {spec!r}: folder needs a path: folder:PATH")
-    return kind, (Path(path).expanduser() if path else None)
+class DatasetSpec(NamedTuple):
+    """A parsed ``--data`` value: ``kind:PATH`` (PATH None for digits, or for a download cache)."""
+
+    kind: str
+    path: Path | None
+
+    @classmethod
+    def parse(cls, spec: str) -> DatasetSpec:
+        kind, _, path = spec.partition(":")
+        kind = kind.strip().lower()
+        if kind not in KINDS:
+            raise ValueError(f"unknown dataset {spec!r}: valid kinds are {SPEC_FORMS}")
+        if kind == "digits" and path:
+            raise ValueError(f"dataset {spec!r}: digits takes no path (scikit-learn bundles it); use 'digits'")
+        if kind == "folder" and not path:
+            raise ValueError(f"dataset {spec!r}: folder needs a path: folder:PATH")
+        return cls(kind, Path(path).expanduser() if path else None)
 
 
-def load_dataset(spec: str, *, val_size: int = 0, seed: int = 0, download: bool = False,
+def load_dataset(spec: str | DatasetSpec, *, val_size: int = 0, seed: int = 0, download: bool = False,
                  cache_dir: Path | None = None) -> DataSplits:
-    """Load the dataset named by ``spec`` (see :func:`parse_spec`).
+    """Load the dataset named by ``spec`` (a string is parsed by :meth:`DatasetSpec.parse`).
 
     ``val_size > 0`` moves that many training images, stratified by class and chosen with ``seed``, into ``val``
     (the paper's CIFAR 45k/5k split is ``val_size=5000``). For cifar10/cifar100/mnist the data directory is PATH,
     or ``cache_dir/<kind>`` (default ``~/.cache/resnetlab``) without one; ``download=True`` fetches the official
     files there when they are missing.
     """
-    kind, path = parse_spec(spec)
+    kind, path = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
     if kind in ("cifar10", "cifar100", "mnist") and path is None:

@@ -17,7 +17,6 @@ import torch
 
 from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize
-from resnetlab.data.batches import evaluation_batches
 from resnetlab.data.formats import load_dataset
 from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.models import BasicBlock
@@ -58,7 +57,7 @@ def response_stds(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
 def analyse(preset: Preset, runs: list[dict]) -> dict:
     """Adds `response_std` (one per 3x3 layer, in order) to every run."""
     test = load_dataset(preset.data).test
-    images, _ = next(evaluation_batches(test, HELD_OUT_IMAGES))
+    images, _ = next(test.evaluation_batches(HELD_OUT_IMAGES))
     for run in runs:
         model, state = load_model(run["run_dir"])
         run["response_std"] = response_stds(model, Normalize.from_state_dict(state["normalize"])(images))
