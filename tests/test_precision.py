@@ -1,4 +1,7 @@
-"""bf16 keeps the residual stream in fp32, and fp32 computes exactly what it did before that change."""
+"""bf16 keeps the residual stream in fp32, and fp32 computes exactly what it did before that change; the precision
+names and what they resolve to."""
+
+import re
 
 import pytest
 import torch
@@ -6,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab import models
+from resnetlab.cli import build_parser
 from resnetlab.models import BasicBlock, Bottleneck, create_model
+from resnetlab.precision import PRECISIONS, bf16_is_faster, resolve_precision
 
 
 def plain_sum(block, branch, x):
@@ -72,3 +77,30 @@ def test_a_plain_network_adds_nothing_and_keeps_the_convs_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(x)
     assert out.dtype == torch.bfloat16  # no addition happened, so nothing was promoted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The precision names: one vocabulary, one resolver
+
+
+def test_training_takes_fp32_and_bf16_as_they_are_and_refuses_auto():
+    cpu = torch.device("cpu")
+    assert [resolve_precision(name, cpu, training=True) for name in PRECISIONS] == ["fp32", "bf16"]
+    with pytest.raises(ValueError, match=re.escape("--precision 'auto' is not valid; choose one of fp32, bf16")):
+        resolve_precision("auto", cpu, training=True)
+
+
+def test_inference_auto_is_bf16_only_on_a_cpu_where_it_is_faster():
+    assert resolve_precision("auto", torch.device("cpu"), training=False) == ("bf16" if bf16_is_faster() else "fp32")
+    assert resolve_precision("auto", torch.device("cuda"), training=False) == "fp32"  # unmeasured there: exact
+    assert resolve_precision("bf16", torch.device("cpu"), training=False) == "bf16"
+
+
+def test_the_cli_offers_the_library_precisions(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "run", "image.png", "--precision", "fp16"])
+    assert re.search(r"invalid choice: 'fp16' \(choose from '?auto'?, '?bf16'?, '?fp32'?\)", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    assert "--precision PRECISION fp32 or bf16 " in " ".join(capsys.readouterr().out.split())

@@ -32,7 +32,7 @@ from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
 from resnetlab.export import fast_inference
 from resnetlab.models import create_model, model_family
-from resnetlab.precision import bf16_is_faster, cpu_has_bf16, memory_format
+from resnetlab.precision import Precision, cpu_has_bf16, memory_format, resolve_precision
 from resnetlab.recipes import RECIPES, TrainConfig
 from resnetlab.train import training_step
 
@@ -132,7 +132,7 @@ def synthetic_dataset(image_shape: tuple[int, int, int], size: int = SYNTHETIC_I
     return ArrayDataset(images, torch.randint(0, NUM_CLASSES, (size,), generator=generator))
 
 
-def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, *, precision: str,
+def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, *, precision: Precision,
               layout: torch.memory_format, normalize: Normalize | None = None) -> int:
     """resnetlab.train's step on the next batch (normalize is None when the batches come normalized); returns
     the batch size once the step has finished (the returned loss is read, as a log point would)."""
@@ -147,7 +147,7 @@ def train_paths(model_name: str, batch_size: int) -> dict[str, Callable[[], int]
     recipe = RECIPES["cifar"]
     data = synthetic_dataset(native_input_size(model_family(model_name)), max(SYNTHETIC_IMAGES, 2 * batch_size))
 
-    def make_step(precision: str, channels_last: bool, reference: bool) -> Callable[[], int]:
+    def make_step(precision: Precision, channels_last: bool, reference: bool) -> Callable[[], int]:
         torch.manual_seed(0)
         layout = memory_format(channels_last)
         model = create_model(model_name, num_classes=NUM_CLASSES).to(memory_format=layout).train()
@@ -198,8 +198,8 @@ def bench_infer(model_name: str, batch_size: int = 16, seconds: float = 30.0, co
     model = create_model(model_name).eval()
     input_size = native_input_size(model_family(model_name))
     macs = complexity(model, input_size).macs
-    fast = fast_inference(model, compile=compile)
-    precision = "bf16" if bf16_is_faster() else "fp32"
+    precision = resolve_precision("auto", torch.device("cpu"), training=False)
+    fast = fast_inference(model, precision=precision, compile=compile)
     paths = {"reference (fp32, NCHW, eager)": model,
              f"resnetlab fast path (BN folded, channels_last, {precision}{', compiled' if compile else ''})": fast,
              **(more_paths(model) if more_paths else {})}

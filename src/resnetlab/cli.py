@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from resnetlab.precision import INFERENCE_PRECISIONS, PRECISIONS
+
 
 def cmd_models(args: argparse.Namespace) -> int:
     from resnetlab.complexity import model_table
@@ -207,7 +209,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="residual shortcut option (paper Sec. 3.3)")
-    p.add_argument("--precision", help="fp32 or bf16")
+    # No argparse choices: recipes.validate rejects a bad precision from a flag or a TOML file with one message.
+    p.add_argument("--precision", help=f"{' or '.join(PRECISIONS)} (default fp32): bf16 autocasts the convs and the fc")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read")
     p.add_argument("--top", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS,
                    help="auto (default): bf16 where the CPU has AMX, else fp32")
     p.set_defaults(func=cmd_predict)
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from resnetlab.data.formats import SPEC_FORMS, parse_spec
 from resnetlab.models import MODELS, SHORTCUTS
+from resnetlab.precision import Precision, check_precision
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTS = ("crop_flip", "scale")
 
@@ -82,7 +82,7 @@ class TrainConfig:
     seed: int = 0
     val_size: int = 0  # training images held out for validation (the paper's CIFAR split: 5000)
     shortcut: str | None = None  # None: the model's default (A for CIFAR nets, B for ImageNet nets)
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     channels_last: bool = True
     compile: bool = False
     cuda_graphs: bool = False  # replay forward and backward as CUDA graphs: small nets stop waiting on kernel launches
@@ -197,8 +197,7 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--augment {r.augment!r} is not valid; choose one of {', '.join(AUGMENTS)}")
     for name in ("plateau_patience", "warmup_min_depth", "padding"):
         check_non_negative_int(name, getattr(r, name))
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"--precision {config.precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    check_precision(config.precision, training=True)
     if config.device not in DEVICES:
         raise ValueError(f"--device {config.device!r} is not valid; choose one of {', '.join(DEVICES)}")
     for name in ("seed", "val_size", "eval_every", "checkpoint_every", "workers"):
