@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import resnetlab
-from resnetlab.models import BasicBlock, Bottleneck, ZeroPadShortcut
+from resnetlab.models import MODELS, BasicBlock, Bottleneck, ZeroPadShortcut
 
 # torchvision's documented parameter counts (ImageNet, 1000 classes).
 IMAGENET_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -63,6 +63,18 @@ def test_every_named_model_is_listed_and_builds_through_the_factory():
         assert f"resnet{depth}" in names and f"plain{depth}" in names
     assert len(names) == 22
     assert isinstance(resnetlab.create_model("plain20"), resnetlab.ResNet)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_model_spec_says_what_its_builder_builds(name):
+    spec = MODELS[name]
+    with torch.device("meta"):  # the architecture without weights: resnet1202 costs nothing
+        model = spec.build()
+    weighted_layers = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                       and "downsample" not in n]  # the paper counts the layers on the main path
+    assert len(weighted_layers) == spec.depth
+    assert (model.stem, model.residual) == (spec.family, spec.residual)
+    assert name == f"{'resnet' if spec.residual else 'plain'}{spec.depth}"
 
 
 @pytest.mark.parametrize("depth", [20, 56])

@@ -25,6 +25,7 @@ import contextlib
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -319,17 +320,27 @@ def _named(builder: Callable[..., ResNet], depth: int) -> Callable[..., ResNet]:
     return build
 
 
-# name -> (builder taking **kwargs, depth, family). "cifar_resnet"/"cifar_plain" take any depth=6n+2.
-MODELS: dict[str, tuple[Callable[..., ResNet], int, str]] = {}
-for _depth in IMAGENET_LAYERS:
-    MODELS[f"resnet{_depth}"] = (_named(imagenet_resnet, _depth), _depth, "imagenet")
-    MODELS[f"plain{_depth}"] = (_named(imagenet_plain, _depth), _depth, "imagenet")
-for _depth in CIFAR_DEPTHS:
-    MODELS[f"resnet{_depth}"] = (_named(cifar_resnet, _depth), _depth, "cifar")
-    MODELS[f"plain{_depth}"] = (_named(cifar_plain, _depth), _depth, "cifar")
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its builder and what it is."""
 
-resnet18, resnet34, resnet50, resnet101, resnet152 = (MODELS[f"resnet{d}"][0] for d in IMAGENET_LAYERS)
-resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (MODELS[f"resnet{d}"][0] for d in CIFAR_DEPTHS)
+    build: Callable[..., ResNet]  # build(**kwargs): num_classes, in_channels, shortcut, ... (create_model)
+    depth: int
+    family: str  # "imagenet" or "cifar": the stem and the input size it was made for
+    residual: bool  # False: the plain net, the same layers without shortcuts
+
+
+# The named models; "cifar_resnet"/"cifar_plain" (create_model) take any depth=6n+2.
+MODELS: dict[str, ModelSpec] = {}
+for _depth in IMAGENET_LAYERS:
+    MODELS[f"resnet{_depth}"] = ModelSpec(_named(imagenet_resnet, _depth), _depth, "imagenet", residual=True)
+    MODELS[f"plain{_depth}"] = ModelSpec(_named(imagenet_plain, _depth), _depth, "imagenet", residual=False)
+for _depth in CIFAR_DEPTHS:
+    MODELS[f"resnet{_depth}"] = ModelSpec(_named(cifar_resnet, _depth), _depth, "cifar", residual=True)
+    MODELS[f"plain{_depth}"] = ModelSpec(_named(cifar_plain, _depth), _depth, "cifar", residual=False)
+
+resnet18, resnet34, resnet50, resnet101, resnet152 = (MODELS[f"resnet{d}"].build for d in IMAGENET_LAYERS)
+resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (MODELS[f"resnet{d}"].build for d in CIFAR_DEPTHS)
 
 
 def list_models() -> list[str]:
@@ -358,7 +369,7 @@ def build_model(name: str, **kwargs) -> ResNet:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
                          "or cifar_resnet / cifar_plain with depth=6n+2")
     try:
-        return MODELS[name][0](**kwargs)
+        return MODELS[name].build(**kwargs)
     except TypeError as error:  # an unknown keyword: say which are valid
         raise ValueError(f"{name}: {error}; valid arguments: num_classes, in_channels, shortcut, stride_in_1x1, "
                          "zero_init_residual, widths, weights") from None
@@ -366,4 +377,4 @@ def build_model(name: str, **kwargs) -> ResNet:
 
 def model_family(name: str) -> str:
     """'imagenet' or 'cifar': which input size and stem a named model was made for."""
-    return "cifar" if name.startswith("cifar_") else MODELS[name][2]
+    return "cifar" if name.startswith("cifar_") else MODELS[name].family

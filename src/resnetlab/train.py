@@ -184,7 +184,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     recipe = config.recipe
     optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    depth = MODELS[config.model][1]
+    depth = MODELS[config.model].depth
     schedule = LrSchedule(recipe, warm_up=bool(recipe.warmup_min_depth) and depth >= recipe.warmup_min_depth)
     run = Run(config, data, network, trained, model_kwargs, fit_normalize(data, recipe), optimizer, schedule,
               device, precision, context, init=origin)
