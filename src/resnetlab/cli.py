@@ -199,11 +199,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "is re-initialised")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="with --init: train the classifier (fc) alone, BN statistics kept as loaded")
-    p.add_argument("--iterations", type=int, help="total iterations; the lr milestones scale with it")
+    p.add_argument("--iterations", type=int,
+                   help="total iterations; the lr milestones scale with it unless --lr-milestones is given")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-milestones", type=int_tuple, metavar="I1,I2,...",
+                   help="iterations at which the lr is multiplied by --lr-decay (cifar: 32000,48000; '' for none)")
+    p.add_argument("--lr-decay", type=float, help="the lr's factor at each milestone or plateau (paper: 0.1)")
+    p.add_argument("--plateau-patience", type=int, metavar="K",
+                   help="decay the lr after K evaluations without a better validation error (imagenet: 3; 0: off)")
+    p.add_argument("--warmup-min-depth", type=int, metavar="DEPTH",
+                   help="nets this deep or deeper start at --warmup-lr (cifar: 110; 0: no warm-up)")
+    p.add_argument("--warmup-lr", type=float, help="the warm-up lr (paper: 0.01)")
+    p.add_argument("--warmup-until-error", type=float, metavar="FRACTION",
+                   help="warm up until the training error is below this (paper: 0.8)")
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--padding", type=int, metavar="PIXELS",
+                   help="array images are padded by this much before the random crop (at 32x32; paper: 4)")
     p.add_argument("--per-channel-std", action=argparse.BooleanOptionalAction, default=None,
                    help="also divide by each channel's std (unit-variance input, as ImageNet weights expect)")
     p.add_argument("--seed", type=int)
@@ -218,6 +231,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA only: replay each training step's forward and backward as CUDA graphs (fp32, one GPU)")
     p.add_argument("--checkpoint-every", type=int, metavar="K")
     p.add_argument("--eval-every", type=int, metavar="K")
+    p.add_argument("--eval-batch-size", type=int, help="images per forward pass when evaluating (default 500)")
+    p.add_argument("--train-eval-size", type=int, metavar="N",
+                   help="the final training error is measured on at most N training images (default 10000)")
     p.add_argument("--log-every", type=int, metavar="K")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
@@ -288,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec (default: digits)")
     p.add_argument("--iterations", type=int, help="iterations of every run (the lr milestones scale with it)")
     p.add_argument("--seeds", type=int, help="seeds per network (0..K-1); errors are reported as mean and std")
-    p.add_argument("--depths", type=depth_list, metavar="D1,D2,...",
+    p.add_argument("--depths", type=int_tuple, metavar="D1,D2,...",
                    help="depths of the networks (e.g. 20,32,44,56,110,1202 for depth)")
     p.add_argument("--runs-dir", metavar="DIR", help="where runs are trained (default OUT/runs); point it at another "
                    "experiment's runs to reuse its trained networks")
@@ -355,8 +371,9 @@ def add_detect_commands(sub) -> None:
     p.set_defaults(func=cmd_detect_predict)
 
 
-def depth_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
+def int_tuple(text: str) -> tuple[int, ...]:
+    """Comma-separated integers; '' is the empty tuple."""
+    return tuple(int(part) for part in text.split(",")) if text else ()
 
 
 def main(argv: list[str] | None = None) -> int:
