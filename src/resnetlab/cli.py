@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
+from resnetlab.errors import ResnetlabError
 from resnetlab.precision import INFERENCE_PRECISIONS, PRECISIONS
 
 
@@ -380,6 +382,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
-        print(f"resnetlab {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, PermissionError, ResnetlabError) as error:  # messages that say what to do
+        message = str(error)
+    except RuntimeError as error:
+        message = machine_failure(error, args)
+        if message is None:
+            raise  # a bug: its traceback is what a report of it needs
+    print(f"resnetlab {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# Flags that make a command need less memory, and how the out-of-memory hint names them.
+MEMORY_SAVERS = (("batch_size", "a smaller --batch-size"), ("activation_checkpointing", "--activation-checkpointing"),
+                 ("precision", "--precision bf16 on a GPU"))
+
+
+def machine_failure(error: RuntimeError, args: argparse.Namespace) -> str | None:
+    """One line for a RuntimeError that is the machine's doing rather than a bug, or None. Out of memory: torch's
+    message goes on with allocator statistics, so this keeps the size and names this command's flags that need less
+    memory. A DataLoader worker that died or timed out: torch's message is already one line."""
+    import torch
+
+    text = str(error)
+    if text.startswith("DataLoader "):
+        return text
+    if not isinstance(error, torch.OutOfMemoryError) and "DefaultCPUAllocator: can't allocate memory" not in text:
+        return None
+    size = re.search(r"[Tt]ried to allocate (\d+(?:\.\d+)? \w+)", text)
+    where = "the GPU" if isinstance(error, torch.OutOfMemoryError) else "the CPU"
+    savers = [saver for key, saver in MEMORY_SAVERS if hasattr(args, key)]
+    hint = " or ".join([", ".join(savers[:-1]), savers[-1]] if len(savers) > 1 else savers)
+    return f"out of memory on {where}" + (f" (tried to allocate {size[1]})" if size else "") + (
+        f"; try {hint}" if hint else "")

@@ -26,6 +26,7 @@ from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safet
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches, evaluation_batches, folder_batches, padding_for
 from resnetlab.data.formats import ArrayDataset, DataSplits, load_dataset
+from resnetlab.errors import ResnetlabError
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.files import write_json_atomically
 from resnetlab.models import MODELS, create_model
@@ -34,7 +35,7 @@ from resnetlab.progress import Progress
 from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, validate
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ResnetlabError):
     """The loss or the weights became NaN or inf; the last checkpoint on disk is the last good state."""
 
 
@@ -354,8 +355,8 @@ def tensorboard_writer(directory: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
-                           "pip install 'resnetlab[tensorboard]')") from None
+        raise ResnetlabError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
+                             "pip install 'resnetlab[tensorboard]')") from None
     return SummaryWriter(str(directory), purge_step=purge_step)
 
 

@@ -158,7 +158,7 @@ class FolderDataset(torch.utils.data.Dataset):
             if self.transform is None:
                 return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))), label
             return self.transform(image), label
-        raise RuntimeError(f"folder: no image in {self.root} could be decoded")
+        raise ValueError(f"folder: no image in {self.root} could be decoded")
 
     def subset(self, indices: np.ndarray) -> FolderDataset:
         part = copy.copy(self)
