@@ -159,19 +159,21 @@ def test_output_and_feature_shapes_at_any_input_size(name, size, stages):
     model = resnetlab.create_model(name, num_classes=7).eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        features = model.forward_features(x)
+        outputs = model.forward_stages(x)
         assert model(x).shape == (2, 7)
-    assert list(features) == model.stage_names
+    assert list(outputs) == model.stage_names
     for stage, shape in stages.items():
-        assert features[stage].shape == (2, *shape)
+        assert outputs[stage].shape == (2, *shape)
 
 
-def test_forward_features_ends_where_the_classifier_begins():
+def test_forward_features_is_the_last_stage_where_the_classifier_begins():
     model = resnetlab.create_model("resnet20").eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        last = list(model.forward_features(x).values())[-1]
-        torch.testing.assert_close(model.fc(last.mean((2, 3))), model(x))
+        features = model.forward_features(x)
+        assert features.shape == (3, model.num_features, 8, 8)
+        torch.testing.assert_close(features, model.forward_stages(x)[model.stage_names[-1]])
+        torch.testing.assert_close(model.fc(features.mean((2, 3))), model(x))
 
 
 def test_grayscale_input_and_class_count():

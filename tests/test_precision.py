@@ -65,6 +65,22 @@ def test_bf16_autocast_runs_convs_in_bf16_and_the_residual_stream_in_fp32(name):
     assert {dtypes[n] for n in convs} == {torch.bfloat16}
 
 
+def test_with_the_fp32_stream_off_bf16_sums_as_plain_autocast_does(monkeypatch):
+    """The switch the benchmarks use to measure what the fp32 stream costs and buys."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").train()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_stream, _ = forward_and_gradients(model, x)
+        model.fp32_residual_stream = False
+        switched_off, switched_off_grads = forward_and_gradients(model, x)
+        monkeypatch.setattr(models, "add_shortcut", plain_sum)
+        plain, plain_grads = forward_and_gradients(model, x)
+    assert not model.fp32_residual_stream and not any(block.fp32_residual_stream for block in model.blocks())
+    assert torch.equal(switched_off, plain) and all(torch.equal(a, b) for a, b in zip(switched_off_grads, plain_grads))
+    assert not torch.equal(switched_off, fp32_stream)
+
+
 def test_a_model_in_double_keeps_a_double_stream():
     model = create_model("resnet20").double().eval()
     assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64

@@ -142,15 +142,18 @@ def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches:
     return len(labels)
 
 
-def train_paths(model_name: str, batch_size: int) -> dict[str, Callable[[], int]]:
+def train_paths(model_name: str, batch_size: int, *, plain_bf16: bool = False) -> dict[str, Callable[[], int]]:
+    """name -> step. `plain_bf16` adds the bf16 path with a bf16 residual stream (ResNet.fp32_residual_stream)."""
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     recipe = RECIPES["cifar"]
     data = synthetic_dataset(native_input_size(model_family(model_name)), max(SYNTHETIC_IMAGES, 2 * batch_size))
 
-    def make_step(precision: Precision, channels_last: bool, reference: bool) -> Callable[[], int]:
+    def make_step(precision: Precision, channels_last: bool, reference: bool,
+                  fp32_residual_stream: bool = True) -> Callable[[], int]:
         torch.manual_seed(0)
         layout = memory_format(channels_last)
         model = create_model(model_name, num_classes=NUM_CLASSES).to(memory_format=layout).train()
+        model.fp32_residual_stream = fp32_residual_stream
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         if reference:
@@ -170,18 +173,18 @@ def train_paths(model_name: str, batch_size: int) -> dict[str, Callable[[], int]
                  make_step(defaults["precision"], defaults["channels_last"], reference=False)}
     if defaults["precision"] == "fp32" and cpu_has_bf16():
         paths["resnetlab --precision bf16 (channels_last)"] = make_step("bf16", True, reference=False)
+    if plain_bf16:
+        paths["resnetlab bf16, bf16 residual stream (plain autocast)"] = make_step(
+            "bf16", True, reference=False, fp32_residual_stream=False)
     return paths
 
 
-def bench_train(model_name: str, batch_size: int = 128, seconds: float = 30.0,
-                more_paths: Callable[[dict[str, Callable[[], int]]], dict[str, Callable[[], int]]] | None = None
-                ) -> dict:
-    """`more_paths(paths)` may add rows measured in the same run (name -> step returning its batch size)."""
+def bench_train(model_name: str, batch_size: int = 128, seconds: float = 30.0, *, plain_bf16: bool = False) -> dict:
+    """`plain_bf16`: also the bf16 path with a bf16 residual stream, to show what the fp32 stream costs."""
     check_settings(batch_size, seconds)
     model = create_model(model_name, num_classes=NUM_CLASSES)
     macs = complexity(model, native_input_size(model_family(model_name))).macs
-    paths = train_paths(model_name, batch_size)
-    results = take_turns({**paths, **(more_paths(paths) if more_paths else {})}, seconds)
+    results = take_turns(train_paths(model_name, batch_size, plain_bf16=plain_bf16), seconds)
     return report("train", model_name, batch_size, results, flops_per_image=3 * 2 * macs)
 
 

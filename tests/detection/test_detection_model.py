@@ -39,7 +39,7 @@ def test_the_trunk_ends_before_the_last_stage_and_the_head_halves_the_pooled_reg
     images = torch.randn(1, 3, 64, 96)
     features = trunk(images)
     assert features.shape == (1, channels, 64 // stride, 96 // stride)
-    torch.testing.assert_close(features, network.forward_features(images)[network.stage_names[-2]])
+    torch.testing.assert_close(features, network.forward_stages(images)[network.stage_names[-2]])
     regions = TrunkRoIPool(14, stride)({"0": features}, [torch.tensor([[0.0, 0.0, 32.0, 32.0], [8, 8, 60, 40]])],
                                        [(64, 96)])
     assert regions.shape == (2, channels, 14, 14)
