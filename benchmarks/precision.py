@@ -2,9 +2,9 @@
 
 Part 1 (seconds): how far one training step's logits and weight gradients are from an fp64 computation, by
 depth, at initialization: the rounding each precision adds, before any training compounds it.
-Part 2 (the probe of issue 5): training runs.
+Part 2 (the MNIST probe): training runs.
 
-The probe of issue 5: the real MNIST split (8,000 train / 2,000 test), the CIFAR recipe cut to 300 iterations
+The MNIST probe: the real MNIST split (8,000 train / 2,000 test), the CIFAR recipe cut to 300 iterations
 (lr 0.1, batch 128, milestones scaled to 150/225), the same seed for every precision. "bf16-plain" is bf16 autocast
 with the residual addition done in the convs' dtype, i.e. a bf16 residual stream: the behaviour before the stream
 was kept in fp32, reproduced here by turning the blocks' `fp32_residual_stream` off during that run.
