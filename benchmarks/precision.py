@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import json
 import multiprocessing
-import copy
 import statistics
 import tempfile
 
@@ -145,7 +145,8 @@ def main() -> None:
     # Seeds outermost: an interrupted run still has every precision for the first seeds.
     jobs = [(model, variant, seed) for seed in args.seeds for model in args.models for variant in args.variants]
     results = []
-    with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=spawn) as pool:
         futures = [pool.submit(run_one, *job, args.data, args.iterations, args.threads) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             result = future.result()

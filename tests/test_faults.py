@@ -1,5 +1,6 @@
 """Faults a long run meets, done for real in child processes: SIGKILL mid-run and mid-checkpoint, then --resume;
-a broken or foreign checkpoint on resume; a full disk; a data-loader worker that dies. And, in this process, memory that runs out."""
+a broken or foreign checkpoint on resume; a full disk; a data-loader worker that dies. And, in this process,
+memory that runs out."""
 
 from __future__ import annotations
 
@@ -12,8 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import (assert_same_tensors, cli_args, last_logged_iteration, launch, logged_iterations,
-                         model_weights, run_to_end, sigkill, tiny_config, wait_for, write_png_folder)
+from run_helpers import (
+    assert_same_tensors,
+    cli_args,
+    last_logged_iteration,
+    launch,
+    logged_iterations,
+    model_weights,
+    run_to_end,
+    sigkill,
+    tiny_config,
+    wait_for,
+    write_png_folder,
+)
 
 import resnetlab.train as training
 from resnetlab import evaluate

@@ -228,12 +228,16 @@ def test_resnet1202_parameter_count():
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: resnetlab.create_model("resnet19"), r"unknown model 'resnet19'; choose one of resnet18, plain18"),
-    (lambda: resnetlab.create_model("cifar_resnet", depth=21), r"depth=21 is not valid for a CIFAR ResNet; it must be 6n\+2"),
-    (lambda: resnetlab.create_model("resnet20", shortcut="D"), r"shortcut='D' is not valid; choose one of 'A', 'B', 'C'"),
-    (lambda: resnetlab.create_model("resnet20", num_classes=0), r"num_classes=0 is not valid; it must be a positive integer"),
+    (lambda: resnetlab.create_model("cifar_resnet", depth=21),
+     r"depth=21 is not valid for a CIFAR ResNet; it must be 6n\+2"),
+    (lambda: resnetlab.create_model("resnet20", shortcut="D"),
+     r"shortcut='D' is not valid; choose one of 'A', 'B', 'C'"),
+    (lambda: resnetlab.create_model("resnet20", num_classes=0),
+     r"num_classes=0 is not valid; it must be a positive integer"),
     (lambda: resnetlab.create_model("resnet18", in_channels=-1), r"in_channels=-1 is not valid"),
     (lambda: resnetlab.create_model("resnet20", dropout=0.5), r"resnet20: .*dropout.*; valid arguments: num_classes"),
-    (lambda: resnetlab.imagenet_resnet(42), r"depth=42 is not an ImageNet ResNet depth; choose one of \[18, 34, 50, 101, 152\]"),
+    (lambda: resnetlab.imagenet_resnet(42),
+     r"depth=42 is not an ImageNet ResNet depth; choose one of \[18, 34, 50, 101, 152\]"),
 ])
 def test_bad_arguments_raise_value_errors_naming_what_is_valid(call, message):
     with pytest.raises(ValueError, match=message):

@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path, load_model
-from resnetlab.data.augment import CenterCrop, Normalize, resized_size, resize_shorter, ten_crops
+from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter, resized_size, ten_crops
 from resnetlab.data.batches import evaluation_batches, padding_for
 from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, FolderDataset, load_dataset, parse_spec
 from resnetlab.export import fast_inference

@@ -27,8 +27,8 @@ import contextlib
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,8 @@ class ResNet(nn.Module):
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         if zero_init_residual and not residual:
-            raise ValueError("zero_init_residual=True needs residual=True: a plain net with zeroed BNs outputs constants")
+            raise ValueError("zero_init_residual=True needs residual=True: a plain net with zeroed BNs outputs "
+                             "constants")
         widths = widths or ((64, 128, 256, 512) if stem == "imagenet" else (16, 32, 64))
         if len(widths) != len(layers):
             raise ValueError(f"widths {widths} and layers {layers} must have the same length (one per stage)")

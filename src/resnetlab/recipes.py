@@ -208,8 +208,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
     for owner, name in ((config, "channels_last"), (config, "compile"), (config, "cuda_graphs"), (config, "download"),
-                        (config, "sync_bn"), (config, "activation_checkpointing"), (config, "freeze_backbone"), (config, "tensorboard"),
-                        (r, "per_channel_std")):
+                        (config, "sync_bn"), (config, "activation_checkpointing"), (config, "freeze_backbone"),
+                        (config, "tensorboard"), (r, "per_channel_std")):
         if not isinstance(getattr(owner, name), bool):
             raise ValueError(f"--{flag(name)} must be true or false, got {getattr(owner, name)!r}")
     if config.cuda_graphs and (config.compile or config.precision != "fp32" or config.activation_checkpointing):

@@ -21,8 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab import distributed
-from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, load_checkpoint, load_weights,
-                                  read_weights, restore_weights, save_checkpoint)
+from resnetlab.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    export_safetensors,
+    load_checkpoint,
+    load_weights,
+    read_weights,
+    restore_weights,
+    save_checkpoint,
+)
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches, evaluation_batches, folder_batches, padding_for
 from resnetlab.data.formats import ArrayDataset, DataSplits, load_dataset

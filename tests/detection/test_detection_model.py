@@ -13,8 +13,15 @@ pytest.importorskip("torchvision", reason="detection needs torchvision (pip inst
 from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from resnetlab.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from resnetlab.detection.model import (IMAGENET_MEAN, IMAGENET_STD, TrunkRoIPool, build_detector,  # noqa: E402
-                                       pretrained_classifier, split_resnet, split_vgg16)
+from resnetlab.detection.model import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TrunkRoIPool,
+    build_detector,
+    pretrained_classifier,
+    split_resnet,
+    split_vgg16,
+)
 from resnetlab.models import create_model  # noqa: E402
 
 SMALL = dict(min_size=96, max_size=128, anchor_sizes=(16, 32, 64), aspect_ratios=(0.5, 1.0, 2.0), roi_pool_size=6,

@@ -92,8 +92,11 @@ def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: in
     yield from loader
 
 
+VALIDATION_VIEW = CenterCrop()  # of a folder image: shorter side resized to 256, the central 224x224
+
+
 def evaluation_batches(data: ArrayDataset | FolderDataset, batch_size: int, workers: int = 0,
-                       limit: int | None = None, *, folder_transform: Callable | None = CenterCrop()
+                       limit: int | None = None, *, folder_transform: Callable | None = VALIDATION_VIEW
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 batches in order, without augmentation. Folder images go through `folder_transform` (by default
     resize 256 and center 224 crop; None keeps each image whole, which needs batch_size 1 as sizes differ)."""
