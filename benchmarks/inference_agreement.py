@@ -5,7 +5,8 @@
 For each checkpoint, the test split of its dataset (or --data) is scored three ways: the model as trained (fp32,
 BN separate), `export.fast_inference` in fp32 (BN folded, channels_last) and in bf16. Each row gives the share
 of images whose top-1 class equals the fp32 model's, the largest logit difference relative to the largest
-logit, and the top-1 test error. Issue 5 asks for bf16 top-1 agreement of at least 99% on real images.
+logit, and the top-1 test error. The goal (docs/benchmarks.md): bf16 top-1 agreement of at least 99% on real
+images.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Part 1 (seconds): how far one training step's logits and weight gradients are from an fp64 computation, by
 depth, at initialization: the rounding each precision adds, before any training compounds it.
-Part 2 (the probe of issue 5): training runs.
+Part 2 (the MNIST probe): training runs.
 
-The probe of issue 5: the real MNIST split (8,000 train / 2,000 test), the CIFAR recipe cut to 300 iterations
+The MNIST probe: the real MNIST split (8,000 train / 2,000 test), the CIFAR recipe cut to 300 iterations
 (lr 0.1, batch 128, milestones scaled to 150/225), the same seed for every precision. "bf16-plain" is bf16 autocast
 with the residual addition done in the convs' dtype, i.e. a bf16 residual stream: the behaviour before the stream
-was kept in fp32, reproduced here by swapping `resnetlab.models.add_shortcut` for the plain sum during that run.
+was kept in fp32, reproduced here by turning the blocks' `fp32_residual_stream` off during that run.
 "bf16-bn-fp32" (an experiment, not a default variant) also runs every BN on an fp32 copy of its input.
 
     python benchmarks/precision.py --models resnet56 resnet110 --seeds 0 1 --processes 3 --jsonl /tmp/precision.jsonl
@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import json
 import multiprocessing
-import copy
 import statistics
 import tempfile
 
@@ -42,19 +42,16 @@ VARIANTS = ("fp32", "bf16", "bf16-plain", "bf16-bn-fp32")
 
 @contextlib.contextmanager
 def bf16_residual_stream():
-    """Make every residual addition return the convs' dtype (bf16 under autocast), as plain autocast does."""
-    kept = models.add_shortcut
-
-    def plain_sum(block, branch, x):
-        if not block.residual:
-            return branch
-        return branch + (x if block.downsample is None else block.downsample(x))
-
-    models.add_shortcut = plain_sum
+    """Every residual addition in the convs' dtype (bf16 under autocast), as plain autocast does: the blocks'
+    fp32_residual_stream off by default meanwhile, also in the models `train` builds."""
+    blocks = (models.BasicBlock, models.Bottleneck)
+    for block in blocks:
+        block.fp32_residual_stream = False
     try:
         yield
     finally:
-        models.add_shortcut = kept
+        for block in blocks:
+            block.fp32_residual_stream = True
 
 
 def step_outputs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str):
@@ -148,7 +145,8 @@ def main() -> None:
     # Seeds outermost: an interrupted run still has every precision for the first seeds.
     jobs = [(model, variant, seed) for seed in args.seeds for model in args.models for variant in args.variants]
     results = []
-    with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=spawn) as pool:
         futures = [pool.submit(run_one, *job, args.data, args.iterations, args.threads) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             result = future.result()

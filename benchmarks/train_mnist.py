@@ -1,4 +1,5 @@
-"""Training time of the acceptance run: resnet20 on MNIST for 300 iterations, as a user would start it.
+"""Training time of the README's training command on real data: resnet20 on MNIST for 300 iterations, as a user
+would start it.
 
     python benchmarks/train_mnist.py [--repeats N] [--data mnist:PATH] [--iterations 300] [-- EXTRA TRAIN FLAGS]
 

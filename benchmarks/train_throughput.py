@@ -4,29 +4,17 @@ Each model is one `resnetlab bench train` measurement: the reference (fp32, NCHW
 in 2 DataLoader workers, as popular CIFAR reproductions run), the project's default path and, where the CPU has
 native bf16 and the default is fp32, the bf16 path; they take turns in 3 rounds in the same process.
 With --plain-bf16, one more row: the bf16 path with a bf16 residual stream (plain autocast, as before the
-stream was kept in fp32), to show what keeping the stream in fp32 costs in speed.
+stream was kept in fp32: `ResNet.fp32_residual_stream = False`), to show what keeping the stream in fp32 costs
+in speed.
 
     python benchmarks/train_throughput.py --models resnet20 resnet56 resnet110 --seconds 60 [--plain-bf16]
 """
 
 import argparse
 
-from precision import bf16_residual_stream  # benchmarks/precision.py
-
 from resnetlab.bench import bench_train, format_table
 
 PAPER_SCHEDULE_IMAGES = 64_000 * 128  # the paper's CIFAR schedule: 64k iterations of batch 128
-
-
-def with_plain_bf16(paths: dict) -> dict:
-    """The bf16 path's step (same model and batches) run with a bf16 residual stream."""
-    bf16_step = next(step for name, step in paths.items() if "bf16" in name)
-
-    def plain_step() -> int:
-        with bf16_residual_stream():
-            return bf16_step()
-
-    return {"resnetlab bf16, bf16 residual stream (plain autocast)": plain_step}
 
 
 def main() -> None:
@@ -37,8 +25,7 @@ def main() -> None:
     parser.add_argument("--plain-bf16", action="store_true", help="add the plain-autocast bf16 row")
     args = parser.parse_args()
     for model in args.models:
-        summary = bench_train(model, args.batch_size, args.seconds,
-                              more_paths=with_plain_bf16 if args.plain_bf16 else None)
+        summary = bench_train(model, args.batch_size, args.seconds, plain_bf16=args.plain_bf16)
         print(format_table(summary))
         for row in summary["paths"]:
             hours = PAPER_SCHEDULE_IMAGES / row["images_per_second"] / 3600

@@ -67,7 +67,7 @@ def test_all_offsets_occur_and_flip_rate_is_one_half():
     matches = match_candidates(out, candidates)
     assert (matches.sum(1) == 1).all(), "each output must be exactly one crop"
     drawn = [keys[i] for i in matches.int().argmax(1).tolist()]
-    assert {(top, left) for top, left, _ in drawn} == {(t, l) for t in range(9) for l in range(9)}
+    assert {(top, left) for top, left, _ in drawn} == {(top, left) for top in range(9) for left in range(9)}
     flip_rate = sum(flipped for _, _, flipped in drawn) / len(drawn)
     assert 0.45 <= flip_rate <= 0.55
 
@@ -91,7 +91,10 @@ def test_padding_zero_with_flip_gives_the_image_or_its_mirror_both_occurring():
 
 def test_same_seed_same_output_and_other_seed_differs():
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    run = lambda seed: random_crop_flip(images, padding=4, flip=True, generator=torch.Generator().manual_seed(seed))
+
+    def run(seed: int) -> torch.Tensor:
+        return random_crop_flip(images, padding=4, flip=True, generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
 
@@ -105,7 +108,8 @@ def test_channels_last_input_gives_same_crops():
     images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
     plain = random_crop_flip(images, padding=2, flip=True, generator=torch.Generator().manual_seed(5))
     channels_last = images.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(random_crop_flip(channels_last, padding=2, flip=True, generator=torch.Generator().manual_seed(5)), plain)
+    generator = torch.Generator().manual_seed(5)
+    assert torch.equal(random_crop_flip(channels_last, padding=2, flip=True, generator=generator), plain)
 
 
 def test_random_crop_flip_rejects_bad_arguments():
@@ -138,7 +142,8 @@ def test_normalized_training_set_has_zero_per_pixel_mean(training_images):
     out = Normalize.fit(training_images)(training_images)
     assert out.dtype == torch.float32
     assert out.mean(0).abs().max() < 1e-5
-    torch.testing.assert_close(out, training_images.float() / 255 - training_images.float().mean(0) / 255, atol=1e-5, rtol=0)
+    expected = training_images.float() / 255 - training_images.float().mean(0) / 255
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_per_channel_std_gives_unit_std_per_channel(training_images):

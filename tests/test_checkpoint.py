@@ -17,8 +17,14 @@ from run_helpers import assert_same_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from resnetlab.checkpoint import (FORMAT, checkpoint_path, export_safetensors, load_checkpoint, load_model,
-                                  save_checkpoint)
+from resnetlab.checkpoint import (
+    FORMAT,
+    checkpoint_path,
+    export_safetensors,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from resnetlab.models import create_model
 
 KWARGS = {"num_classes": 3, "in_channels": 1}

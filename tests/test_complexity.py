@@ -40,7 +40,8 @@ def test_resnet20_costs_about_41_million_macs():
 
 
 def test_macs_scale_with_the_input_area_and_count_convs_and_fc_only():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 6, 3))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 6, 3))
     result = resnetlab.complexity(model, input_size=(2, 5, 6))
     assert result.macs == 5 * 6 * 4 * 2 * 9 + 120 * 3
     assert result.params == sum(p.numel() for p in model.parameters())

@@ -20,9 +20,18 @@ from resnetlab.checkpoint import load_checkpoint, load_model, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.data.augment import FolderTenCrops, Normalize
 from resnetlab.data.formats import load_dataset
-from resnetlab.evaluate import (check_multiscale_fits, class_probabilities, ensemble_probabilities,
-                                evaluate_checkpoints, load_models, mode_probabilities, multiscale_sides, predict,
-                                top_k_error, training_side)
+from resnetlab.evaluate import (
+    check_multiscale_fits,
+    class_probabilities,
+    ensemble_probabilities,
+    evaluate_checkpoints,
+    load_models,
+    mode_probabilities,
+    multiscale_sides,
+    predict,
+    top_k_error,
+    training_side,
+)
 from resnetlab.train import train
 
 CPU = torch.device("cpu")

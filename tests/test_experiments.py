@@ -6,9 +6,8 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """Faults a long run meets, done for real in child processes: SIGKILL mid-run and mid-checkpoint, then --resume;
-a broken or foreign checkpoint on resume; a full disk; a data-loader worker that dies."""
+a broken or foreign checkpoint on resume; a full disk; a data-loader worker that dies. And, in this process,
+memory that runs out."""
 
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import (assert_same_tensors, cli_args, last_logged_iteration, launch, logged_iterations,
-                         model_weights, run_to_end, sigkill, tiny_config, wait_for, write_png_folder)
+from run_helpers import (
+    assert_same_tensors,
+    cli_args,
+    last_logged_iteration,
+    launch,
+    logged_iterations,
+    model_weights,
+    run_to_end,
+    sigkill,
+    tiny_config,
+    wait_for,
+    write_png_folder,
+)
 
+import resnetlab.train as training
+from resnetlab import evaluate
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.models import create_model
@@ -171,3 +185,35 @@ def test_a_dying_data_loader_worker_stops_the_run_with_a_message(tmp_path):
     assert re.fullmatch(r"resnetlab train: error: DataLoader worker \(pid.*\) (exited unexpectedly|is killed by "
                         r"signal: Killed\.)\n", finished.stderr), finished.stderr
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(tmp_path, monkeypatch, capsys):
+    def allocate_a_pebibyte(*args, **kwargs):  # more than any address space: torch's CPU allocator refuses it
+        return torch.empty(2**50, dtype=torch.uint8)
+
+    monkeypatch.setattr(training, "train", allocate_a_pebibyte)
+    assert cli_main(["train", "--model", "resnet20", "--data", "digits", "--out", str(tmp_path), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "resnetlab train: error: out of memory on the CPU (tried to allocate 1125899906842624 bytes); try a smaller "
+        "--batch-size, --activation-checkpointing or --precision bf16 on a GPU\n")
+
+
+def test_a_gpu_out_of_memory_error_names_the_flags_the_command_has(tmp_path, monkeypatch, capsys):
+    def out_of_gpu_memory(*args, **kwargs):  # torch's CUDA message, as a 1.5 GiB request on a full GPU gives it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 76.8 GiB is "
+                                     "allocated by PyTorch, and 312.4 MiB is reserved by PyTorch but unallocated.")
+
+    monkeypatch.setattr(evaluate, "predict", out_of_gpu_memory)
+    assert cli_main(["predict", str(tmp_path), "image.png"]) == 2
+    assert capsys.readouterr().err == ("resnetlab predict: error: out of memory on the GPU (tried to allocate "
+                                       "1.50 GiB); try --precision bf16 on a GPU\n")
+
+
+def test_an_unexpected_runtime_error_keeps_its_traceback(tmp_path, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x64 and 32x10)")
+
+    monkeypatch.setattr(training, "train", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli_main(["train", "--model", "resnet20", "--data", "digits", "--out", str(tmp_path), "--quiet"])

@@ -24,8 +24,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from run_helpers import (assert_same_tensors, differing_tensors, model_weights, read_metrics, tiny_config,
-                         train_until, write_png_folder)
+from run_helpers import (
+    assert_same_tensors,
+    differing_tensors,
+    model_weights,
+    read_metrics,
+    tiny_config,
+    train_until,
+    write_png_folder,
+)
 from test_torchvision_parity import FIXTURE, deterministic
 from torch import nn
 

@@ -22,11 +22,11 @@ from PIL import Image
 
 from resnetlab.data import (
     ArrayDataset,
+    DatasetSpec,
     FolderDataset,
     download,
     formats,
     load_dataset,
-    DatasetSpec,
     stratified_split,
 )
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import resnetlab
-from resnetlab.models import BasicBlock, Bottleneck, ZeroPadShortcut
+from resnetlab.models import MODELS, BasicBlock, Bottleneck, ZeroPadShortcut
 
 # torchvision's documented parameter counts (ImageNet, 1000 classes).
 IMAGENET_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -63,6 +63,18 @@ def test_every_named_model_is_listed_and_builds_through_the_factory():
         assert f"resnet{depth}" in names and f"plain{depth}" in names
     assert len(names) == 22
     assert isinstance(resnetlab.create_model("plain20"), resnetlab.ResNet)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_model_spec_says_what_its_builder_builds(name):
+    spec = MODELS[name]
+    with torch.device("meta"):  # the architecture without weights: resnet1202 costs nothing
+        model = spec.build()
+    weighted_layers = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                       and "downsample" not in n]  # the paper counts the layers on the main path
+    assert len(weighted_layers) == spec.depth
+    assert (model.stem, model.residual) == (spec.family, spec.residual)
+    assert name == f"{'resnet' if spec.residual else 'plain'}{spec.depth}"
 
 
 @pytest.mark.parametrize("depth", [20, 56])
@@ -147,19 +159,21 @@ def test_output_and_feature_shapes_at_any_input_size(name, size, stages):
     model = resnetlab.create_model(name, num_classes=7).eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        features = model.forward_features(x)
+        outputs = model.forward_stages(x)
         assert model(x).shape == (2, 7)
-    assert list(features) == model.stage_names
+    assert list(outputs) == model.stage_names
     for stage, shape in stages.items():
-        assert features[stage].shape == (2, *shape)
+        assert outputs[stage].shape == (2, *shape)
 
 
-def test_forward_features_ends_where_the_classifier_begins():
+def test_forward_features_is_the_last_stage_where_the_classifier_begins():
     model = resnetlab.create_model("resnet20").eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        last = list(model.forward_features(x).values())[-1]
-        torch.testing.assert_close(model.fc(last.mean((2, 3))), model(x))
+        features = model.forward_features(x)
+        assert features.shape == (3, model.num_features, 8, 8)
+        torch.testing.assert_close(features, model.forward_stages(x)[model.stage_names[-1]])
+        torch.testing.assert_close(model.fc(features.mean((2, 3))), model(x))
 
 
 def test_grayscale_input_and_class_count():
@@ -214,12 +228,16 @@ def test_resnet1202_parameter_count():
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: resnetlab.create_model("resnet19"), r"unknown model 'resnet19'; choose one of resnet18, plain18"),
-    (lambda: resnetlab.create_model("cifar_resnet", depth=21), r"depth=21 is not valid for a CIFAR ResNet; it must be 6n\+2"),
-    (lambda: resnetlab.create_model("resnet20", shortcut="D"), r"shortcut='D' is not valid; choose one of 'A', 'B', 'C'"),
-    (lambda: resnetlab.create_model("resnet20", num_classes=0), r"num_classes=0 is not valid; it must be a positive integer"),
+    (lambda: resnetlab.create_model("cifar_resnet", depth=21),
+     r"depth=21 is not valid for a CIFAR ResNet; it must be 6n\+2"),
+    (lambda: resnetlab.create_model("resnet20", shortcut="D"),
+     r"shortcut='D' is not valid; choose one of 'A', 'B', 'C'"),
+    (lambda: resnetlab.create_model("resnet20", num_classes=0),
+     r"num_classes=0 is not valid; it must be a positive integer"),
     (lambda: resnetlab.create_model("resnet18", in_channels=-1), r"in_channels=-1 is not valid"),
     (lambda: resnetlab.create_model("resnet20", dropout=0.5), r"resnet20: .*dropout.*; valid arguments: num_classes"),
-    (lambda: resnetlab.imagenet_resnet(42), r"depth=42 is not an ImageNet ResNet depth; choose one of \[18, 34, 50, 101, 152\]"),
+    (lambda: resnetlab.imagenet_resnet(42),
+     r"depth=42 is not an ImageNet ResNet depth; choose one of \[18, 34, 50, 101, 152\]"),
 ])
 def test_bad_arguments_raise_value_errors_naming_what_is_valid(call, message):
     with pytest.raises(ValueError, match=message):

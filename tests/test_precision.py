@@ -1,4 +1,7 @@
-"""bf16 keeps the residual stream in fp32, and fp32 computes exactly what it did before that change."""
+"""bf16 keeps the residual stream in fp32, and fp32 computes exactly what it did before that change; the precision
+names and what they resolve to."""
+
+import re
 
 import pytest
 import torch
@@ -6,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab import models
+from resnetlab.cli import build_parser
 from resnetlab.models import BasicBlock, Bottleneck, create_model
+from resnetlab.precision import PRECISIONS, bf16_is_faster, resolve_precision
 
 
 def plain_sum(block, branch, x):
@@ -60,6 +65,22 @@ def test_bf16_autocast_runs_convs_in_bf16_and_the_residual_stream_in_fp32(name):
     assert {dtypes[n] for n in convs} == {torch.bfloat16}
 
 
+def test_with_the_fp32_stream_off_bf16_sums_as_plain_autocast_does(monkeypatch):
+    """The switch the benchmarks use to measure what the fp32 stream costs and buys."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").train()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_stream, _ = forward_and_gradients(model, x)
+        model.fp32_residual_stream = False
+        switched_off, switched_off_grads = forward_and_gradients(model, x)
+        monkeypatch.setattr(models, "add_shortcut", plain_sum)
+        plain, plain_grads = forward_and_gradients(model, x)
+    assert not model.fp32_residual_stream and not any(block.fp32_residual_stream for block in model.blocks())
+    assert torch.equal(switched_off, plain) and all(torch.equal(a, b) for a, b in zip(switched_off_grads, plain_grads))
+    assert not torch.equal(switched_off, fp32_stream)
+
+
 def test_a_model_in_double_keeps_a_double_stream():
     model = create_model("resnet20").double().eval()
     assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
@@ -72,3 +93,30 @@ def test_a_plain_network_adds_nothing_and_keeps_the_convs_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(x)
     assert out.dtype == torch.bfloat16  # no addition happened, so nothing was promoted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The precision names: one vocabulary, one resolver
+
+
+def test_training_takes_fp32_and_bf16_as_they_are_and_refuses_auto():
+    cpu = torch.device("cpu")
+    assert [resolve_precision(name, cpu, training=True) for name in PRECISIONS] == ["fp32", "bf16"]
+    with pytest.raises(ValueError, match=re.escape("--precision 'auto' is not valid; choose one of fp32, bf16")):
+        resolve_precision("auto", cpu, training=True)
+
+
+def test_inference_auto_is_bf16_only_on_a_cpu_where_it_is_faster():
+    assert resolve_precision("auto", torch.device("cpu"), training=False) == ("bf16" if bf16_is_faster() else "fp32")
+    assert resolve_precision("auto", torch.device("cuda"), training=False) == "fp32"  # unmeasured there: exact
+    assert resolve_precision("bf16", torch.device("cpu"), training=False) == "bf16"
+
+
+def test_the_cli_offers_the_library_precisions(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "run", "image.png", "--precision", "fp16"])
+    assert re.search(r"invalid choice: 'fp16' \(choose from '?auto'?, '?bf16'?, '?fp32'?\)", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    assert "--precision PRECISION fp32 or bf16 " in " ".join(capsys.readouterr().out.split())

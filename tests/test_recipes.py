@@ -3,6 +3,8 @@ the rejection of out-of-range settings before any work, and the learning rate of
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import math
 import re
@@ -12,8 +14,10 @@ import pytest
 from run_helpers import read_metrics, tiny_config
 
 import resnetlab.train as training
+from resnetlab import recipes
+from resnetlab.cli import add_train_arguments
 from resnetlab.cli import main as cli_main
-from resnetlab.recipes import RECIPE_KEYS, RECIPES, RUN_KEYS, resolve_config
+from resnetlab.recipes import RECIPE_KEYS, RECIPES, RUN_KEYS, TrainConfig, flag, resolve_config
 from resnetlab.train import LrSchedule, prepare
 
 
@@ -22,13 +26,13 @@ def test_cifar_preset_is_the_papers_section_4_2():
     assert (cifar.batch_size, cifar.lr, cifar.momentum, cifar.weight_decay) == (128, 0.1, 0.9, 1e-4)
     assert (cifar.lr_milestones, cifar.iterations, cifar.lr_decay) == ((32_000, 48_000), 64_000, 0.1)
     assert (cifar.warmup_min_depth, cifar.warmup_lr, cifar.warmup_until_error) == (110, 0.01, 0.8)
-    assert (cifar.augment, cifar.padding, cifar.plateau_patience) == ("crop_flip", 4, 0)
+    assert (cifar.padding, cifar.plateau_patience) == (4, 0)
 
 
 def test_imagenet_preset_is_the_papers_section_3_4():
     imagenet = RECIPES["imagenet"]
     assert (imagenet.batch_size, imagenet.lr, imagenet.momentum, imagenet.weight_decay) == (256, 0.1, 0.9, 1e-4)
-    assert (imagenet.iterations, imagenet.lr_milestones, imagenet.augment) == (600_000, (), "scale")
+    assert (imagenet.iterations, imagenet.lr_milestones) == (600_000, ())
     assert imagenet.plateau_patience > 0 and imagenet.warmup_min_depth == 0
 
 
@@ -267,3 +271,37 @@ def test_config_round_trips_through_its_dict():
     config = resolve_config(model="resnet20", data="digits", out="o", iterations=300, seed=3)
     assert asdict(config)["recipe"]["lr_milestones"] == (150, 225)
     assert type(config).from_dict(config.to_dict()) == config
+
+
+def test_a_config_stored_with_the_removed_augment_setting_still_loads():
+    config = resolve_config(model="resnet20", data="digits", out="o")
+    stored = config.to_dict()
+    stored["recipe"]["augment"] = "crop_flip"  # what runs stored while the (inert) setting existed
+    assert TrainConfig.from_dict(stored) == config
+
+
+def test_every_flag_a_message_names_is_a_train_flag():
+    """recipes.validate names any setting as its flag, train.resume_config names the ones that may change, and
+    both name some literally: each must be a flag of `resnetlab train`."""
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    flags = set(re.findall(r"--[a-z][a-z-]*[a-z]", parser.format_help()))
+    named = {f"--{flag(key)}" for key in RUN_KEYS + RECIPE_KEYS}
+    for module in (recipes, training):
+        named |= set(re.findall(r"--[a-z][a-z-]*[a-z]", inspect.getsource(module)))
+    assert "--lr-milestones" in named and named - flags == set()
+
+
+def test_the_recipe_flags_reach_the_run(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--model", "resnet20", "--data", "digits", "--out", str(out), "--batch-size", "16",
+                     "--iterations", "4", "--log-every", "1", "--lr-milestones", "1,3", "--lr-decay", "0.5",
+                     "--padding", "0", "--plateau-patience", "2", "--warmup-min-depth", "56", "--warmup-lr", "0.02",
+                     "--warmup-until-error", "0.5", "--eval-batch-size", "100", "--train-eval-size", "50",
+                     "--quiet"]) == 0
+    config = TrainConfig.from_dict(json.loads((out / "summary.json").read_text())["config"])
+    assert config.recipe == replace(RECIPES["cifar"], iterations=4, batch_size=16, lr_milestones=(1, 3), lr_decay=0.5,
+                                    padding=0, plateau_patience=2, warmup_min_depth=56, warmup_lr=0.02,
+                                    warmup_until_error=0.5)
+    assert (config.eval_batch_size, config.train_eval_size) == (100, 50)
+    assert [record["lr"] for record in read_metrics(out)] == pytest.approx([0.1, 0.05, 0.05, 0.025], rel=1e-12)

@@ -15,8 +15,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from run_helpers import (assert_same_tensors, logged_iterations, model_weights, read_metrics, tiny_config,
-                         train_until, write_png_folder)
+from run_helpers import (
+    assert_same_tensors,
+    logged_iterations,
+    model_weights,
+    read_metrics,
+    tiny_config,
+    train_until,
+    write_png_folder,
+)
 from safetensors.torch import load_file
 
 import resnetlab.models as models

@@ -32,7 +32,7 @@ from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
 from resnetlab.export import fast_inference
 from resnetlab.models import create_model, model_family
-from resnetlab.precision import bf16_is_faster, cpu_has_bf16, memory_format
+from resnetlab.precision import Precision, cpu_has_bf16, memory_format, resolve_precision
 from resnetlab.recipes import RECIPES, TrainConfig
 from resnetlab.train import training_step
 
@@ -132,7 +132,7 @@ def synthetic_dataset(image_shape: tuple[int, int, int], size: int = SYNTHETIC_I
     return ArrayDataset(images, torch.randint(0, NUM_CLASSES, (size,), generator=generator))
 
 
-def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, *, precision: str,
+def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, *, precision: Precision,
               layout: torch.memory_format, normalize: Normalize | None = None) -> int:
     """resnetlab.train's step on the next batch (normalize is None when the batches come normalized); returns
     the batch size once the step has finished (the returned loss is read, as a log point would)."""
@@ -142,15 +142,18 @@ def next_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches:
     return len(labels)
 
 
-def train_paths(model_name: str, batch_size: int) -> dict[str, Callable[[], int]]:
+def train_paths(model_name: str, batch_size: int, *, plain_bf16: bool = False) -> dict[str, Callable[[], int]]:
+    """name -> step. `plain_bf16` adds the bf16 path with a bf16 residual stream (ResNet.fp32_residual_stream)."""
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     recipe = RECIPES["cifar"]
     data = synthetic_dataset(native_input_size(model_family(model_name)), max(SYNTHETIC_IMAGES, 2 * batch_size))
 
-    def make_step(precision: str, channels_last: bool, reference: bool) -> Callable[[], int]:
+    def make_step(precision: Precision, channels_last: bool, reference: bool,
+                  fp32_residual_stream: bool = True) -> Callable[[], int]:
         torch.manual_seed(0)
         layout = memory_format(channels_last)
         model = create_model(model_name, num_classes=NUM_CLASSES).to(memory_format=layout).train()
+        model.fp32_residual_stream = fp32_residual_stream
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         if reference:
@@ -170,18 +173,18 @@ def train_paths(model_name: str, batch_size: int) -> dict[str, Callable[[], int]
                  make_step(defaults["precision"], defaults["channels_last"], reference=False)}
     if defaults["precision"] == "fp32" and cpu_has_bf16():
         paths["resnetlab --precision bf16 (channels_last)"] = make_step("bf16", True, reference=False)
+    if plain_bf16:
+        paths["resnetlab bf16, bf16 residual stream (plain autocast)"] = make_step(
+            "bf16", True, reference=False, fp32_residual_stream=False)
     return paths
 
 
-def bench_train(model_name: str, batch_size: int = 128, seconds: float = 30.0,
-                more_paths: Callable[[dict[str, Callable[[], int]]], dict[str, Callable[[], int]]] | None = None
-                ) -> dict:
-    """`more_paths(paths)` may add rows measured in the same run (name -> step returning its batch size)."""
+def bench_train(model_name: str, batch_size: int = 128, seconds: float = 30.0, *, plain_bf16: bool = False) -> dict:
+    """`plain_bf16`: also the bf16 path with a bf16 residual stream, to show what the fp32 stream costs."""
     check_settings(batch_size, seconds)
     model = create_model(model_name, num_classes=NUM_CLASSES)
     macs = complexity(model, native_input_size(model_family(model_name))).macs
-    paths = train_paths(model_name, batch_size)
-    results = take_turns({**paths, **(more_paths(paths) if more_paths else {})}, seconds)
+    results = take_turns(train_paths(model_name, batch_size, plain_bf16=plain_bf16), seconds)
     return report("train", model_name, batch_size, results, flops_per_image=3 * 2 * macs)
 
 
@@ -198,8 +201,8 @@ def bench_infer(model_name: str, batch_size: int = 16, seconds: float = 30.0, co
     model = create_model(model_name).eval()
     input_size = native_input_size(model_family(model_name))
     macs = complexity(model, input_size).macs
-    fast = fast_inference(model, compile=compile)
-    precision = "bf16" if bf16_is_faster() else "fp32"
+    precision = resolve_precision("auto", torch.device("cpu"), training=False)
+    fast = fast_inference(model, precision=precision, compile=compile)
     paths = {"reference (fp32, NCHW, eager)": model,
              f"resnetlab fast path (BN folded, channels_last, {precision}{', compiled' if compile else ''})": fast,
              **(more_paths(model) if more_paths else {})}

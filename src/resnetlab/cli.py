@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+
+from resnetlab.errors import ResnetlabError
+from resnetlab.precision import INFERENCE_PRECISIONS, PRECISIONS
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -197,17 +201,31 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "is re-initialised")
     p.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="with --init: train the classifier (fc) alone, BN statistics kept as loaded")
-    p.add_argument("--iterations", type=int, help="total iterations; the lr milestones scale with it")
+    p.add_argument("--iterations", type=int,
+                   help="total iterations; the lr milestones scale with it unless --lr-milestones is given")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-milestones", type=int_tuple, metavar="I1,I2,...",
+                   help="iterations at which the lr is multiplied by --lr-decay (cifar: 32000,48000; '' for none)")
+    p.add_argument("--lr-decay", type=float, help="the lr's factor at each milestone or plateau (paper: 0.1)")
+    p.add_argument("--plateau-patience", type=int, metavar="K",
+                   help="decay the lr after K evaluations without a better validation error (imagenet: 3; 0: off)")
+    p.add_argument("--warmup-min-depth", type=int, metavar="DEPTH",
+                   help="nets this deep or deeper start at --warmup-lr (cifar: 110; 0: no warm-up)")
+    p.add_argument("--warmup-lr", type=float, help="the warm-up lr (paper: 0.01)")
+    p.add_argument("--warmup-until-error", type=float, metavar="FRACTION",
+                   help="warm up until the training error is below this (paper: 0.8)")
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--padding", type=int, metavar="PIXELS",
+                   help="array images are padded by this much before the random crop (at 32x32; paper: 4)")
     p.add_argument("--per-channel-std", action=argparse.BooleanOptionalAction, default=None,
                    help="also divide by each channel's std (unit-variance input, as ImageNet weights expect)")
     p.add_argument("--seed", type=int)
     p.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="residual shortcut option (paper Sec. 3.3)")
-    p.add_argument("--precision", help="fp32 or bf16")
+    # No argparse choices: recipes.validate rejects a bad precision from a flag or a TOML file with one message.
+    p.add_argument("--precision", help=f"{' or '.join(PRECISIONS)} (default fp32): bf16 autocasts the convs and the fc")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
@@ -215,6 +233,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA only: replay each training step's forward and backward as CUDA graphs (fp32, one GPU)")
     p.add_argument("--checkpoint-every", type=int, metavar="K")
     p.add_argument("--eval-every", type=int, metavar="K")
+    p.add_argument("--eval-batch-size", type=int, help="images per forward pass when evaluating (default 500)")
+    p.add_argument("--train-eval-size", type=int, metavar="N",
+                   help="the final training error is measured on at most N training images (default 10000)")
     p.add_argument("--log-every", type=int, metavar="K")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
@@ -256,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read")
     p.add_argument("--top", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS,
                    help="auto (default): bf16 where the CPU has AMX, else fp32")
     p.set_defaults(func=cmd_predict)
 
@@ -285,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec (default: digits)")
     p.add_argument("--iterations", type=int, help="iterations of every run (the lr milestones scale with it)")
     p.add_argument("--seeds", type=int, help="seeds per network (0..K-1); errors are reported as mean and std")
-    p.add_argument("--depths", type=depth_list, metavar="D1,D2,...",
+    p.add_argument("--depths", type=int_tuple, metavar="D1,D2,...",
                    help="depths of the networks (e.g. 20,32,44,56,110,1202 for depth)")
     p.add_argument("--runs-dir", metavar="DIR", help="where runs are trained (default OUT/runs); point it at another "
                    "experiment's runs to reuse its trained networks")
@@ -352,14 +373,44 @@ def add_detect_commands(sub) -> None:
     p.set_defaults(func=cmd_detect_predict)
 
 
-def depth_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
+def int_tuple(text: str) -> tuple[int, ...]:
+    """Comma-separated integers; '' is the empty tuple."""
+    return tuple(int(part) for part in text.split(",")) if text else ()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
-        print(f"resnetlab {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, PermissionError, ResnetlabError) as error:  # messages that say what to do
+        message = str(error)
+    except RuntimeError as error:
+        message = machine_failure(error, args)
+        if message is None:
+            raise  # a bug: its traceback is what a report of it needs
+    print(f"resnetlab {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# Flags that make a command need less memory, and how the out-of-memory hint names them.
+MEMORY_SAVERS = (("batch_size", "a smaller --batch-size"), ("activation_checkpointing", "--activation-checkpointing"),
+                 ("precision", "--precision bf16 on a GPU"))
+
+
+def machine_failure(error: RuntimeError, args: argparse.Namespace) -> str | None:
+    """One line for a RuntimeError that is the machine's doing rather than a bug, or None. Out of memory: torch's
+    message goes on with allocator statistics, so this keeps the size and names this command's flags that need less
+    memory. A DataLoader worker that died or timed out: torch's message is already one line."""
+    import torch
+
+    text = str(error)
+    if text.startswith("DataLoader "):
+        return text
+    if not isinstance(error, torch.OutOfMemoryError) and "DefaultCPUAllocator: can't allocate memory" not in text:
+        return None
+    size = re.search(r"[Tt]ried to allocate (\d+(?:\.\d+)? \w+)", text)
+    where = "the GPU" if isinstance(error, torch.OutOfMemoryError) else "the CPU"
+    savers = [saver for key, saver in MEMORY_SAVERS if hasattr(args, key)]
+    hint = " or ".join([", ".join(savers[:-1]), savers[-1]] if len(savers) > 1 else savers)
+    return f"out of memory on {where}" + (f" (tried to allocate {size[1]})" if size else "") + (
+        f"; try {hint}" if hint else "")

@@ -65,17 +65,17 @@ def model_table(stride_in_1x1: bool = False) -> list[dict]:
     from resnetlab.paper import CIFAR_PARAMS_M, IMAGENET_GFLOPS
 
     rows = []
-    for name, (build, depth, family) in MODELS.items():
-        residual = name.startswith("resnet")
+    for name, spec in MODELS.items():
+        imagenet = spec.family == "imagenet"
         with torch.device("meta"):  # shapes without storage: the forward pass costs nothing, even for 1202 layers
-            model = build(stride_in_1x1=stride_in_1x1) if family == "imagenet" else build()
-            measured = complexity(model, native_input_size(family))
-        paper = IMAGENET_GFLOPS.get(depth) if family == "imagenet" else CIFAR_PARAMS_M.get(depth)
+            model = spec.build(stride_in_1x1=stride_in_1x1) if imagenet else spec.build()
+            measured = complexity(model, native_input_size(spec.family))
+        paper = IMAGENET_GFLOPS.get(spec.depth) if imagenet else CIFAR_PARAMS_M.get(spec.depth)
         rows.append({
-            "name": name, "family": family, "depth": depth,
-            "shortcut": model.shortcut if residual else "none",
+            "name": name, "family": spec.family, "depth": spec.depth,
+            "shortcut": model.shortcut if spec.residual else "none",
             "params": measured.params, "gmacs": measured.gmacs,
-            "paper": None if not residual else paper,
-            "paper_unit": "GFLOPs" if family == "imagenet" else "M params",
+            "paper": paper if spec.residual else None,
+            "paper_unit": "GFLOPs" if imagenet else "M params",
         })
     return rows

@@ -40,8 +40,8 @@ from torch import nn
 from resnetlab.checkpoint import checkpoint_path, load_model
 from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
 from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, DatasetSpec, FolderDataset, load_dataset
-from resnetlab.export import check_inference_precision, fast_inference
-from resnetlab.precision import autocast, pick_device
+from resnetlab.export import fast_inference
+from resnetlab.precision import Precision, autocast, pick_device, resolve_precision
 
 MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
@@ -54,7 +54,7 @@ TEN_CROP_VIEWS = 10
 
 @torch.no_grad()
 def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize, *,
-                        device: torch.device, batch_size: int = 500, precision: str = "fp32",
+                        device: torch.device, batch_size: int = 500, precision: Precision = "fp32",
                         memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
                         limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores (N, classes) of the un-augmented images, in eval mode, and their labels."""
@@ -76,7 +76,7 @@ def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, no
 @torch.no_grad()
 def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize,
                        mode: str = "center", *, device: torch.device, padding: int = 4, batch_size: int = 500,
-                       precision: str = "fp32", workers: int = 0,
+                       precision: Precision = "fp32", workers: int = 0,
                        limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores (N, classes) in a testing `mode` (see the module docstring), and the labels.
 
@@ -234,12 +234,12 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
     sees its validation view (shorter side 256, central 224); a small-image model the central square resized.
     The model runs as `export.fast_inference`: BN folded, channels_last, and with precision "auto" bf16 only where
-    the CPU has AMX.
+    the CPU has AMX (`precision.resolve_precision`).
     """
     if k < 1:
         raise ValueError(f"--top must be >= 1, got {k}")
     target = pick_device(device)
-    check_inference_precision(precision)  # before any image is read
+    precision = resolve_precision(precision, target, training=False)  # before any image is read
     model, state = load_model(checkpoint)
     normalize = Normalize.from_state_dict(state["normalize"])
     channels = state["model_kwargs"].get("in_channels", 3)

@@ -12,8 +12,10 @@ so a torchvision checkpoint loads with strict=True. The paper's options are cons
   for 50 layers); the default puts it on the 3x3 as torchvision does ("v1.5", 4.09 GMACs).
 - ``stem="cifar"`` gives the CIFAR networks of Sec. 4.2: a 3x3 conv stem, no max-pool, three stages of 16/32/64 filters.
 
-Not a paper option but a way to compute: ``model.activation_checkpointing = True`` trades one extra forward per
-training step for memory (each stage's blocks are recomputed in backward instead of kept), with the same numbers.
+Not paper options but ways to compute: ``model.activation_checkpointing = True`` trades one extra forward per
+training step for memory (each stage's blocks are recomputed in backward instead of kept), with the same numbers;
+``model.fp32_residual_stream = False`` adds each block's branch and shortcut in bf16 under bf16 autocast, as plain
+autocast does (`add_shortcut`; the benchmarks measure what the fp32 default costs and buys).
 
 Fine-tuning: ``create_model(name, weights=PATH)`` starts from a resnetlab run or a torchvision/timm file
 (checkpoint.load_weights), and ``model.freeze_backbone()`` leaves only the classifier to train.
@@ -25,7 +27,8 @@ import contextlib
 import math
 import os
 from collections import OrderedDict
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +80,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34 and the CIFAR nets); y = relu(F(x) + shortcut(x)), or relu(F(x)) when plain."""
 
     expansion = 1
+    fp32_residual_stream = True  # see add_shortcut; ResNet.fp32_residual_stream sets it on every block
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
                  shortcut: str = "B", stride_in_1x1: bool = False):
@@ -103,6 +107,7 @@ class Bottleneck(nn.Module):
     """1x1 (reduce) - 3x3 - 1x1 (restore, 4x) convs (ResNet-50/101/152)."""
 
     expansion = 4
+    fp32_residual_stream = True  # see add_shortcut; ResNet.fp32_residual_stream sets it on every block
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
                  shortcut: str = "B", stride_in_1x1: bool = False):
@@ -133,10 +138,13 @@ def add_shortcut(block: BasicBlock | Bottleneck, branch: torch.Tensor, x: torch.
     """branch + shortcut(x), summed in fp32. Under bf16 autocast the convs and BNs output bf16; summing in bf16
     (8 mantissa bits) would round away the part of a small branch below the identity's precision in every
     block, so the stream between blocks stays fp32 and each conv casts its own input to bf16. In fp32 this is
-    a no-op (bit-identical). docs/benchmarks.md measures what it changes."""
+    a no-op (bit-identical). docs/benchmarks.md measures what it changes, against the plain sum in the operands'
+    dtype that a block with fp32_residual_stream False takes."""
     if not block.residual:
         return branch
     identity = x if block.downsample is None else block.downsample(x)
+    if not block.fp32_residual_stream:
+        return branch + identity
     stream = torch.promote_types(identity.dtype, torch.float32)  # fp64 stays fp64 for a model run in double
     return branch.to(stream) + identity.to(stream)
 
@@ -158,7 +166,8 @@ class ResNet(nn.Module):
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         if zero_init_residual and not residual:
-            raise ValueError("zero_init_residual=True needs residual=True: a plain net with zeroed BNs outputs constants")
+            raise ValueError("zero_init_residual=True needs residual=True: a plain net with zeroed BNs outputs "
+                             "constants")
         widths = widths or ((64, 128, 256, 512) if stem == "imagenet" else (16, 32, 64))
         if len(widths) != len(layers):
             raise ValueError(f"widths {widths} and layers {layers} must have the same length (one per stage)")
@@ -222,21 +231,42 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, name) for name in self.stage_names]
 
-    def forward_features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    def blocks(self) -> list[BasicBlock | Bottleneck]:
+        return [block for stage in self.stages() for block in stage]
+
+    @property
+    def fp32_residual_stream(self) -> bool:
+        """Whether the blocks add branch and shortcut in fp32 (the default; module docstring)."""
+        return all(block.fp32_residual_stream for block in self.blocks())
+
+    @fp32_residual_stream.setter
+    def fp32_residual_stream(self, fp32: bool) -> None:
+        for block in self.blocks():
+            block.fp32_residual_stream = fp32
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1, bn1, relu and the max-pool (none in a CIFAR net): the input of the first stage."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """The output of every stage, e.g. layer1..layer4 = C2..C5 of an ImageNet net; any input size works."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        x = self.forward_stem(x)
+        outputs: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name in self.stage_names:
             x = getattr(self, name)(x)
-            features[name] = x
-        return features
+            outputs[name] = x
+        return outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map, before the pooling (N, num_features, H', W'), as timm's forward_features."""
+        x = self.forward_stem(x)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for stage in self.stages():
             x = checkpointed_stage(stage, x) if recompute else stage(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.forward_features(x)), 1))
 
 
 def checkpointed_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -319,17 +349,27 @@ def _named(builder: Callable[..., ResNet], depth: int) -> Callable[..., ResNet]:
     return build
 
 
-# name -> (builder taking **kwargs, depth, family). "cifar_resnet"/"cifar_plain" take any depth=6n+2.
-MODELS: dict[str, tuple[Callable[..., ResNet], int, str]] = {}
-for _depth in IMAGENET_LAYERS:
-    MODELS[f"resnet{_depth}"] = (_named(imagenet_resnet, _depth), _depth, "imagenet")
-    MODELS[f"plain{_depth}"] = (_named(imagenet_plain, _depth), _depth, "imagenet")
-for _depth in CIFAR_DEPTHS:
-    MODELS[f"resnet{_depth}"] = (_named(cifar_resnet, _depth), _depth, "cifar")
-    MODELS[f"plain{_depth}"] = (_named(cifar_plain, _depth), _depth, "cifar")
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its builder and what it is."""
 
-resnet18, resnet34, resnet50, resnet101, resnet152 = (MODELS[f"resnet{d}"][0] for d in IMAGENET_LAYERS)
-resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (MODELS[f"resnet{d}"][0] for d in CIFAR_DEPTHS)
+    build: Callable[..., ResNet]  # build(**kwargs): num_classes, in_channels, shortcut, ... (create_model)
+    depth: int
+    family: str  # "imagenet" or "cifar": the stem and the input size it was made for
+    residual: bool  # False: the plain net, the same layers without shortcuts
+
+
+# The named models; "cifar_resnet"/"cifar_plain" (create_model) take any depth=6n+2.
+MODELS: dict[str, ModelSpec] = {}
+for _depth in IMAGENET_LAYERS:
+    MODELS[f"resnet{_depth}"] = ModelSpec(_named(imagenet_resnet, _depth), _depth, "imagenet", residual=True)
+    MODELS[f"plain{_depth}"] = ModelSpec(_named(imagenet_plain, _depth), _depth, "imagenet", residual=False)
+for _depth in CIFAR_DEPTHS:
+    MODELS[f"resnet{_depth}"] = ModelSpec(_named(cifar_resnet, _depth), _depth, "cifar", residual=True)
+    MODELS[f"plain{_depth}"] = ModelSpec(_named(cifar_plain, _depth), _depth, "cifar", residual=False)
+
+resnet18, resnet34, resnet50, resnet101, resnet152 = (MODELS[f"resnet{d}"].build for d in IMAGENET_LAYERS)
+resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (MODELS[f"resnet{d}"].build for d in CIFAR_DEPTHS)
 
 
 def list_models() -> list[str]:
@@ -358,7 +398,7 @@ def build_model(name: str, **kwargs) -> ResNet:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
                          "or cifar_resnet / cifar_plain with depth=6n+2")
     try:
-        return MODELS[name][0](**kwargs)
+        return MODELS[name].build(**kwargs)
     except TypeError as error:  # an unknown keyword: say which are valid
         raise ValueError(f"{name}: {error}; valid arguments: num_classes, in_channels, shortcut, stride_in_1x1, "
                          "zero_init_residual, widths, weights") from None
@@ -366,4 +406,4 @@ def build_model(name: str, **kwargs) -> ResNet:
 
 def model_family(name: str) -> str:
     """'imagenet' or 'cifar': which input size and stem a named model was made for."""
-    return "cifar" if name.startswith("cifar_") else MODELS[name][2]
+    return "cifar" if name.startswith("cifar_") else MODELS[name].family

@@ -1,11 +1,46 @@
-"""Where the computation runs and in what number format: the device, bf16 autocast, the memory layout."""
+"""Where the computation runs and in what number format: the device, the precision, the memory layout.
+
+A precision is one of the strings below, the same everywhere: `train --precision`, `predict --precision`,
+TrainConfig.precision (stored as that string in checkpoints and summary.json), `export.fast_inference`, `bench`.
+`resolve_precision` is the one place that checks a name and decides what it means on a device.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+Precision = Literal["fp32", "bf16"]  # what a computation runs in: float32, or bf16 autocast (convs and the fc)
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")  # training's choices, its default first
+# Inference may also ask for "auto", its default: bf16 where it is measured faster than fp32, else fp32.
+INFERENCE_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def check_precision(name: object, *, training: bool) -> None:
+    """Reject a name that is not a precision, before any work (a config is checked before its device is known)."""
+    choices = PRECISIONS if training else INFERENCE_PRECISIONS
+    if name in choices:
+        return
+    # A run's settings are named as their command-line flags, as every other rejected setting is (recipes.validate);
+    # inference takes the precision as the keyword argument of predict and fast_inference.
+    if training:
+        raise ValueError(f"--precision {name!r} is not valid; choose one of {', '.join(choices)}")
+    raise ValueError(f"precision={name!r} is not valid; choose {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def resolve_precision(name: str, device: torch.device, *, training: bool) -> Precision:
+    """The precision `name` runs as on `device`. "auto" (inference only) is bf16 on CPUs with AMX, the one place
+    bf16 measured faster (docs/benchmarks.md), and fp32 elsewhere, GPUs included: there it is unmeasured, and fp32
+    is exact. bf16 on a GPU without bf16 support is refused here rather than failing inside autocast."""
+    check_precision(name, training=training)
+    if name == "auto":
+        return "bf16" if device.type == "cpu" and bf16_is_faster() else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16 needs a GPU with bf16 (Ampere or newer); {device} has none: use fp32")
+    return name
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -17,7 +52,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     """bf16 autocast for the convolutions and the fc; a no-op for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -31,8 +66,8 @@ def cpu_has_bf16() -> bool:
 
 
 def bf16_is_faster() -> bool:
-    """Whether bf16 should be the fast path: only with AMX tiles. With AVX512-BF16 alone, oneDNN's bf16 kernels
-    measured 0.83-0.96x fp32 for training and inference (docs/benchmarks.md, section 0)."""
+    """Whether bf16 should be the fast path on this CPU: only with AMX tiles. With AVX512-BF16 alone, oneDNN's bf16
+    kernels measured 0.83-0.96x fp32 for training and inference (docs/benchmarks.md, section 0)."""
     cpuinfo = Path("/proc/cpuinfo")
     return cpu_has_bf16() and cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
 

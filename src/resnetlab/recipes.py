@@ -16,19 +16,21 @@ from pathlib import Path
 
 from resnetlab.data.formats import SPEC_FORMS, DatasetSpec
 from resnetlab.models import MODELS, SHORTCUTS
+from resnetlab.precision import Precision, check_precision
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-AUGMENTS = ("crop_flip", "scale")
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """The augmentation is not a setting: it follows the data (train.training_batches). In-memory arrays are padded
+    by `padding`, randomly cropped and flipped (Sec. 4.2); image folders get the scale augmentation (Sec. 3.4)."""
+
     name: str
     batch_size: int
     lr: float
@@ -44,8 +46,7 @@ class Recipe:
     warmup_min_depth: int = 0  # 0 = no warm-up
     warmup_lr: float = 0.01
     warmup_until_error: float = 0.8
-    augment: str = "crop_flip"  # crop_flip: pad + random crop + flip on uint8 batches; scale: [256, 480] resize
-    padding: int = 4
+    padding: int = 4  # pixels at 32x32 (smaller images in proportion, data.batches.padding_for)
     per_channel_std: bool = False  # the paper subtracts the per-pixel mean only
 
     def with_iterations(self, iterations: int) -> Recipe:
@@ -64,7 +65,7 @@ RECIPES: dict[str, Recipe] = {
     "cifar": Recipe(name="cifar", batch_size=128, lr=0.1, iterations=64_000, lr_milestones=(32_000, 48_000),
                     warmup_min_depth=110),
     "imagenet": Recipe(name="imagenet", batch_size=256, lr=0.1, iterations=600_000, lr_milestones=(),
-                       plateau_patience=3, augment="scale"),
+                       plateau_patience=3),
 }
 
 
@@ -82,7 +83,7 @@ class TrainConfig:
     seed: int = 0
     val_size: int = 0  # training images held out for validation (the paper's CIFAR split: 5000)
     shortcut: str | None = None  # None: the model's default (A for CIFAR nets, B for ImageNet nets)
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     channels_last: bool = True
     compile: bool = False
     cuda_graphs: bool = False  # replay forward and backward as CUDA graphs: small nets stop waiting on kernel launches
@@ -107,6 +108,8 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         values = dict(values)
         recipe = values.pop("recipe")
+        # Runs written before the inert `augment` setting was removed stored it; it never changed what they did.
+        recipe = {key: value for key, value in recipe.items() if key != "augment"}
         recipe = Recipe(**{**recipe, "lr_milestones": tuple(recipe["lr_milestones"])})
         return cls(recipe=recipe, **values)
 
@@ -193,12 +196,9 @@ def validate(config: TrainConfig) -> None:
         if not is_real(value) or not 0 < value <= 1:
             raise ValueError(f"--{flag(name)} must be in (0, 1], got {value!r}")
     check_milestones(r.lr_milestones)
-    if r.augment not in AUGMENTS:
-        raise ValueError(f"--augment {r.augment!r} is not valid; choose one of {', '.join(AUGMENTS)}")
     for name in ("plateau_patience", "warmup_min_depth", "padding"):
         check_non_negative_int(name, getattr(r, name))
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"--precision {config.precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    check_precision(config.precision, training=True)
     if config.device not in DEVICES:
         raise ValueError(f"--device {config.device!r} is not valid; choose one of {', '.join(DEVICES)}")
     for name in ("seed", "val_size", "eval_every", "checkpoint_every", "workers"):
@@ -208,8 +208,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
     for owner, name in ((config, "channels_last"), (config, "compile"), (config, "cuda_graphs"), (config, "download"),
-                        (config, "sync_bn"), (config, "activation_checkpointing"), (config, "freeze_backbone"), (config, "tensorboard"),
-                        (r, "per_channel_std")):
+                        (config, "sync_bn"), (config, "activation_checkpointing"), (config, "freeze_backbone"),
+                        (config, "tensorboard"), (r, "per_channel_std")):
         if not isinstance(getattr(owner, name), bool):
             raise ValueError(f"--{flag(name)} must be true or false, got {getattr(owner, name)!r}")
     if config.cuda_graphs and (config.compile or config.precision != "fp32" or config.activation_checkpointing):

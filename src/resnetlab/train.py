@@ -21,19 +21,28 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab import distributed
-from resnetlab.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, load_checkpoint, load_weights,
-                                  read_weights, restore_weights, save_checkpoint)
+from resnetlab.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    export_safetensors,
+    load_checkpoint,
+    load_weights,
+    read_weights,
+    restore_weights,
+    save_checkpoint,
+)
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import DataSplits, load_dataset
+from resnetlab.errors import ResnetlabError
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.files import write_json_atomically
 from resnetlab.models import MODELS, create_model
-from resnetlab.precision import autocast, memory_format, pick_device
+from resnetlab.precision import Precision, autocast, memory_format, pick_device, resolve_precision
 from resnetlab.progress import Progress
 from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, validate
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ResnetlabError):
     """The loss or the weights became NaN or inf; the last checkpoint on disk is the last good state."""
 
 
@@ -89,6 +98,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     device: torch.device
+    precision: Precision  # config.precision as it runs on `device`
     context: distributed.Context
     start: int = 0
     elapsed: float = 0.0  # wall seconds of earlier sessions of a resumed run
@@ -114,7 +124,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             group["lr"] = lr
         x = run.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=layout)
         loss_and_error = training_step(forward, run.optimizer, x, labels.to(device, non_blocking=True),
-                                       device=device, precision=config.precision)
+                                       device=device, precision=run.precision)
         window += loss_and_error
         batches_in_window += 1
         if run.schedule.warming_up:
@@ -161,6 +171,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     device = pick_device(config.device)
     context = distributed.setup(device)
     device = distributed.local_device(device, context)
+    precision = resolve_precision(config.precision, device, training=True)
     data = load_dataset(config.data, val_size=config.val_size, seed=config.seed, download=config.download)
     torch.manual_seed(config.seed)
     model_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
@@ -181,10 +192,10 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     recipe = config.recipe
     optimizer = torch.optim.SGD([p for p in network.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    depth = MODELS[config.model][1]
+    depth = MODELS[config.model].depth
     schedule = LrSchedule(recipe, warm_up=bool(recipe.warmup_min_depth) and depth >= recipe.warmup_min_depth)
     run = Run(config, data, network, trained, model_kwargs, fit_normalize(data, recipe), optimizer, schedule,
-              device, context, init=origin)
+              device, precision, context, init=origin)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -196,7 +207,7 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-                  device: torch.device, precision: str) -> torch.Tensor:
+                  device: torch.device, precision: Precision) -> torch.Tensor:
     """One SGD step on a normalized batch; returns [loss, error] of the batch as a tensor, without waiting for it."""
     with autocast(device, precision):
         logits = model(x)
@@ -247,7 +258,7 @@ def held_out_errors(run: Run) -> dict:
         if dataset is not None:
             scores, labels = class_probabilities(
                 run.network, dataset, run.normalize, device=run.device, batch_size=run.config.eval_batch_size,
-                precision=run.config.precision, memory_format=memory_format(run.config.channels_last),
+                precision=run.precision, memory_format=memory_format(run.config.channels_last),
                 workers=run.config.workers)
             errors[f"{split}_error"] = top_k_error(scores, labels, 1)
             errors[f"{split}_top5_error"] = top_k_error(scores, labels, 5)
@@ -271,7 +282,7 @@ def finish(run: Run, wall_seconds: float) -> dict:
     config = run.config
     layout = memory_format(config.channels_last)
     scores, labels = class_probabilities(run.network, run.data.train, run.normalize, device=run.device,
-                                         batch_size=config.eval_batch_size, precision=config.precision,
+                                         batch_size=config.eval_batch_size, precision=run.precision,
                                          memory_format=layout, workers=config.workers, limit=config.train_eval_size)
     held_out = held_out_errors(run)
     summary = {
@@ -346,8 +357,8 @@ def tensorboard_writer(directory: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
-                           "pip install 'resnetlab[tensorboard]')") from None
+        raise ResnetlabError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
+                             "pip install 'resnetlab[tensorboard]')") from None
     return SummaryWriter(str(directory), purge_step=purge_step)
 
 

@@ -13,12 +13,19 @@ import torch
 from PIL import Image
 
 from resnetlab.detection import missing_packages
-from resnetlab.detection.data import (VOC_CLASSES, FlipBatchSampler, TrainingImages, load_detection_data, load_image,
-                                      voc_box)
+from resnetlab.detection.data import (
+    VOC_CLASSES,
+    FlipBatchSampler,
+    TrainingImages,
+    load_detection_data,
+    load_image,
+    voc_box,
+)
 
 COCO128_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128"
 COCO128_JSON = COCO128_DIR / "annotations" / "instances_train2017.json"
-needs_coco128 = pytest.mark.skipif(not COCO128_JSON.is_file(), reason=f"the COCO128 images are not here ({COCO128_DIR})")
+needs_coco128 = pytest.mark.skipif(not COCO128_JSON.is_file(),
+                                   reason=f"the COCO128 images are not here ({COCO128_DIR})")
 needs_extra = pytest.mark.skipif(bool(missing_packages()), reason=f"detection needs {' and '.join(missing_packages())}"
                                  " (pip install -e '.[detection]'); .ci/run runs these tests in a second environment")
 

@@ -10,10 +10,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_detection_data import COCO128_DIR, COCO128_JSON, needs_coco128, needs_extra
 
 from resnetlab.detection.metrics import inclusive_iou, voc_ap, voc_class_ap, voc_metrics
-
-from test_detection_data import COCO128_DIR, COCO128_JSON, needs_coco128, needs_extra
 
 
 def test_voc_ap_of_a_hand_computed_curve():
@@ -93,8 +92,10 @@ def noisy_detections(seed: int = 0) -> list[dict]:
     for image in content["images"]:
         for _ in range(2):
             results.append({"image_id": image["id"], "category_id": int(rng.choice(category_ids)),
-                            "bbox": [float(rng.uniform(0, image["width"] - 50)), float(rng.uniform(0, image["height"] - 50)),
-                                     float(rng.uniform(5, 50)), float(rng.uniform(5, 50))], "score": float(rng.random())})
+                            "bbox": [float(rng.uniform(0, image["width"] - 50)),
+                                     float(rng.uniform(0, image["height"] - 50)),
+                                     float(rng.uniform(5, 50)), float(rng.uniform(5, 50))],
+                            "score": float(rng.random())})
     return results
 
 

@@ -13,8 +13,15 @@ pytest.importorskip("torchvision", reason="detection needs torchvision (pip inst
 from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from resnetlab.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from resnetlab.detection.model import (IMAGENET_MEAN, IMAGENET_STD, TrunkRoIPool, build_detector,  # noqa: E402
-                                       pretrained_classifier, split_resnet, split_vgg16)
+from resnetlab.detection.model import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TrunkRoIPool,
+    build_detector,
+    pretrained_classifier,
+    split_resnet,
+    split_vgg16,
+)
 from resnetlab.models import create_model  # noqa: E402
 
 SMALL = dict(min_size=96, max_size=128, anchor_sizes=(16, 32, 64), aspect_ratios=(0.5, 1.0, 2.0), roi_pool_size=6,
@@ -39,7 +46,7 @@ def test_the_trunk_ends_before_the_last_stage_and_the_head_halves_the_pooled_reg
     images = torch.randn(1, 3, 64, 96)
     features = trunk(images)
     assert features.shape == (1, channels, 64 // stride, 96 // stride)
-    torch.testing.assert_close(features, network.forward_features(images)[network.stage_names[-2]])
+    torch.testing.assert_close(features, network.forward_stages(images)[network.stage_names[-2]])
     regions = TrunkRoIPool(14, stride)({"0": features}, [torch.tensor([[0.0, 0.0, 32.0, 32.0], [8, 8, 60, 40]])],
                                        [(64, 96)])
     assert regions.shape == (2, channels, 14, 14)

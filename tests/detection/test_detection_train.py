@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_detection_data import coco_subset, needs_coco128, needs_extra, voc_object, write_voc
 
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
-
-from test_detection_data import coco_subset, needs_coco128, needs_extra, voc_object, write_voc
 
 # A tiny detector: ResNet-18 trunk, images 128 pixels on the shorter side, 2 images per iteration.
 TINY = {"recipe": "small", "model": "resnet18", "train_split": "train2017", "eval_split": "train2017",

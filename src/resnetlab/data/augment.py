@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -175,7 +176,8 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return max(shorter, round(width * shorter / height)), shorter
 
 
-def _resized_crop(img: Image.Image, resized: tuple[int, int], left: int, top: int, crop: int, flip: bool) -> torch.Tensor:
+def _resized_crop(img: Image.Image, resized: tuple[int, int], left: int, top: int, crop: int,
+                  flip: bool) -> torch.Tensor:
     """The crop x crop window at (left, top) of `img` resized to `resized`, as uint8 (3, crop, crop).
 
     Only the window is resampled: PIL's `box` maps it back onto the source, with filter support taken from the whole
@@ -212,9 +214,11 @@ class ScaleAugment:
     alone seeds the stream (without it, ``torch.initial_seed()`` does).
     """
 
-    def __init__(self, min_size: int = 256, max_size: int = 480, crop: int = 224, flip: bool = True, seed: int | None = None):
+    def __init__(self, min_size: int = 256, max_size: int = 480, crop: int = 224, flip: bool = True,
+                 seed: int | None = None):
         if not 0 < crop <= min_size <= max_size:
-            raise ValueError(f"need 0 < crop <= min_size <= max_size, got crop={crop}, min_size={min_size}, max_size={max_size}")
+            raise ValueError(f"need 0 < crop <= min_size <= max_size, got crop={crop}, min_size={min_size}, "
+                             f"max_size={max_size}")
         self.min_size, self.max_size, self.crop, self.flip, self.seed = min_size, max_size, crop, flip, seed
         self._rng: random.Random | None = None
         self._rng_pid: int | None = None

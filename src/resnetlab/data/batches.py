@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from resnetlab.data.augment import CenterCrop, ScaleAugment, random_crop_flip
 
@@ -96,6 +95,9 @@ def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: in
     yield from loader
 
 
+VALIDATION_VIEW = CenterCrop()  # of a folder image: shorter side resized to 256, the central 224x224
+
+
 def array_evaluation_batches(data: ArrayDataset, batch_size: int, limit: int | None = None
                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 batches in order, without augmentation."""
@@ -105,7 +107,8 @@ def array_evaluation_batches(data: ArrayDataset, batch_size: int, limit: int | N
 
 
 def folder_evaluation_batches(data: FolderDataset, batch_size: int, workers: int = 0, limit: int | None = None, *,
-                              transform: Callable | None = CenterCrop()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                              transform: Callable | None = VALIDATION_VIEW
+                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 batches in order, each image through `transform` (by default resize 256 and center 224 crop; None
     keeps each image whole, which needs batch_size 1 as sizes differ)."""
     count = len(data) if limit is None else min(limit, len(data))

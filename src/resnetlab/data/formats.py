@@ -33,8 +33,8 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,8 +42,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from resnetlab.data.augment import FolderTenCrops, ten_crops
-from resnetlab.data.batches import (array_batches, array_evaluation_batches, folder_batches, folder_evaluation_batches,
-                                    padding_for)
+from resnetlab.data.batches import (
+    array_batches,
+    array_evaluation_batches,
+    folder_batches,
+    folder_evaluation_batches,
+    padding_for,
+)
 
 KINDS = ("cifar10", "cifar100", "mnist", "folder", "digits")
 SPEC_FORMS = "cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH, digits"
@@ -102,7 +107,8 @@ class ArrayDataset:
     # Each kind of dataset supplies its own batches: the trainer and the evaluation never ask which kind it is.
 
     def training_batches(self, *, batch_size: int, seed: int, start: int, stop: int, flip: bool, padding: int,
-                         workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                         workers: int, rank: int = 0, world_size: int = 1
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Padded (`padding` is for 32-pixel images, scaled to these), cropped and flipped as whole-batch ops."""
         return array_batches(self, batch_size=batch_size, seed=seed, start=start, stop=stop, flip=flip,
                              padding=padding_for(self.images.shape[-1], padding), rank=rank, world_size=world_size)
@@ -187,7 +193,7 @@ class FolderDataset(torch.utils.data.Dataset):
             if self.transform is None:
                 return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))), label
             return self.transform(image), label
-        raise RuntimeError(f"folder: no image in {self.root} could be decoded")
+        raise ValueError(f"folder: no image in {self.root} could be decoded")
 
     def subset(self, indices: np.ndarray) -> FolderDataset:
         part = copy.copy(self)
@@ -195,7 +201,8 @@ class FolderDataset(torch.utils.data.Dataset):
         return part
 
     def training_batches(self, *, batch_size: int, seed: int, start: int, stop: int, flip: bool, padding: int,
-                         workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                         workers: int, rank: int = 0, world_size: int = 1
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Scale augmentation decoded in `workers` DataLoader processes (`padding` is for array datasets)."""
         return folder_batches(self, batch_size=batch_size, seed=seed, start=start, stop=stop, flip=flip,
                               workers=workers, rank=rank, world_size=world_size)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from resnetlab.errors import ResnetlabError
+
 EXTRA_PACKAGES = ("torchvision", "pycocotools")
 
 
@@ -20,5 +22,5 @@ def require_detection_extra() -> None:
     """Fail with the install command, not an ImportError from deep inside, when the extra is not installed."""
     missing = missing_packages()
     if missing:
-        raise RuntimeError(f"detection needs {' and '.join(missing)}, which this install does not have: "
+        raise ResnetlabError(f"detection needs {' and '.join(missing)}, which this install does not have: "
                            "pip install -e '.[detection]' (torchvision must match the installed torch)")

@@ -207,8 +207,8 @@ def coco_list(content: dict, key: str, path: Path) -> list:
 def coco_field(entry: object, key: str, kind: type, path: Path):
     value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"{path}: an entry has {key}={value!r}; it must be {'an integer' if kind is int else 'a string'}"
-                         f" ({str(entry)[:120]})")
+        raise ValueError(f"{path}: an entry has {key}={value!r}; it must be "
+                         f"{'an integer' if kind is int else 'a string'} ({str(entry)[:120]})")
     return value
 
 
@@ -260,7 +260,8 @@ def read_voc_annotation(xml_path: Path, image_path: Path, stem: str) -> ImageRec
         name = (obj.findtext("name") or "").strip()
         if name not in VOC_CLASSES:
             raise ValueError(f"{xml_path}: object name {name!r} is not a VOC class ({', '.join(VOC_CLASSES)})")
-        xmin, ymin, xmax, ymax = (voc_number(obj, f"bndbox/{key}", xml_path) for key in ("xmin", "ymin", "xmax", "ymax"))
+        xmin, ymin, xmax, ymax = (voc_number(obj, f"bndbox/{key}", xml_path)
+                                  for key in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([xmin - 1, ymin - 1, xmax, ymax])
         labels.append(VOC_CLASSES.index(name) + 1)
         difficult.append(voc_number(obj, "difficult", xml_path, default=0) == 1)
@@ -341,7 +342,8 @@ class FlipBatchSampler(torch.utils.data.Sampler):
         for iteration in range(self.start, self.stop):
             indices = self.stream.batch(iteration).tolist()
             generator = torch.Generator().manual_seed(self.seed * _FLIP_STREAM + iteration)
-            flips = torch.rand(len(indices), generator=generator).lt(0.5).tolist() if self.flip else [False] * len(indices)
+            flips = (torch.rand(len(indices), generator=generator).lt(0.5).tolist() if self.flip
+                     else [False] * len(indices))
             yield list(zip(indices, flips))
 
     def __len__(self) -> int:

@@ -15,8 +15,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from resnetlab.recipes import (DEVICES, check_milestones, check_non_negative_int, check_positive_float,
-                               check_positive_int, flag, is_real, merge_settings, rescaled_milestones)
+from resnetlab.recipes import (
+    DEVICES,
+    check_milestones,
+    check_non_negative_int,
+    check_positive_float,
+    check_positive_int,
+    flag,
+    is_real,
+    merge_settings,
+    rescaled_milestones,
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,8 @@ class DetectionConfig:
     @classmethod
     def from_dict(cls, values: dict) -> DetectionConfig:
         values = dict(values)
-        recipe = {key: tuple(value) if isinstance(value, list) else value for key, value in values.pop("recipe").items()}
+        recipe = {key: tuple(value) if isinstance(value, list) else value
+                  for key, value in values.pop("recipe").items()}
         return cls(recipe=DetectionRecipe(**recipe), **values)
 
 

@@ -19,16 +19,30 @@ import torch
 from PIL import Image, ImageDraw
 
 from resnetlab.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, restore_weights, save_checkpoint
-from resnetlab.detection.data import (DEFAULT_SPLITS, DetectionData, DetectionSplit, load_detection_data, load_image,
-                                      parse_detection_spec, training_batches, voc_box)
+from resnetlab.detection.data import (
+    DEFAULT_SPLITS,
+    DetectionData,
+    DetectionSplit,
+    load_detection_data,
+    load_image,
+    parse_detection_spec,
+    training_batches,
+    voc_box,
+)
 from resnetlab.detection.metrics import coco_metrics, voc_metrics
 from resnetlab.detection.model import IMAGENET_MEAN, IMAGENET_STD, build_detector, pretrained_classifier
 from resnetlab.detection.recipes import DetectionConfig, validate_detection
 from resnetlab.files import write_json_atomically
 from resnetlab.precision import pick_device
 from resnetlab.progress import Progress
-from resnetlab.train import (LrSchedule, MetricsLog, NonFiniteLossError, check_finite_weights, ensure_writable,
-                             last_good_state)
+from resnetlab.train import (
+    LrSchedule,
+    MetricsLog,
+    NonFiniteLossError,
+    check_finite_weights,
+    ensure_writable,
+    last_good_state,
+)
 
 TASK = "detection"  # marks a detection checkpoint apart from a classification one
 # The recipe fields that shape the network (the rest only shape training); stored so evaluate/predict rebuild it.
@@ -92,7 +106,8 @@ def train_detector(config: DetectionConfig, *, resume: bool = False, progress: b
         evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
         if done % config.log_every == 0 or evaluate_now:
             seconds = time.perf_counter() - window_start
-            record = {"iteration": done, "lr": lr, **{name: total / batches_in_window for name, total in window.items()},
+            record = {"iteration": done, "lr": lr,
+                      **{name: total / batches_in_window for name, total in window.items()},
                       "images_per_second": batches_in_window * recipe.images_per_batch / seconds}
             if evaluate_now:
                 record.update(evaluation_record(run))
@@ -115,7 +130,8 @@ def prepare(config: DetectionConfig, resume: bool) -> DetectionRun:
     ensure_writable(out)
     device = pick_device(config.device)
     kind, _ = parse_detection_spec(config.data)
-    train_split, eval_split = (config.train_split or DEFAULT_SPLITS[kind][0], config.eval_split or DEFAULT_SPLITS[kind][1])
+    train_split = config.train_split or DEFAULT_SPLITS[kind][0]
+    eval_split = config.eval_split or DEFAULT_SPLITS[kind][1]
     data = load_detection_data(config.data, train_split, eval_split)
     torch.manual_seed(config.seed)
     classifier, mean, std = None, IMAGENET_MEAN, IMAGENET_STD  # from scratch: inputs scaled as torchvision's are
@@ -128,7 +144,8 @@ def prepare(config: DetectionConfig, resume: bool) -> DetectionRun:
         restore_weights(model, state, checkpoint_path(out))
     model = model.to(device)
     recipe = config.recipe
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
     run = DetectionRun(config, data, model, model_kwargs, optimizer, LrSchedule(recipe, warm_up=False), device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -11,9 +11,9 @@ digits data on a 2-core CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from resnetlab.experiments import degradation, depth, responses, shortcuts, table1
 from resnetlab.experiments.runner import Preset, check_preset, read_results, runs_so_far, train_arms, write_results
@@ -70,7 +70,8 @@ def render_report(out: str | Path) -> Path:
     results = read_results(out)
     name = results["experiment"]
     if name not in EXPERIMENTS:
-        raise ValueError(f"{out}/results.json is from experiment {name!r}, which is not one of {', '.join(EXPERIMENTS)}")
+        raise ValueError(f"{out}/results.json is from experiment {name!r}, which is not one of "
+                         f"{', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
     report = out / REPORT_NAME
     report.write_text(header(results, experiment.title) + experiment.report(results, out))

@@ -11,7 +11,16 @@ from pathlib import Path
 
 from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.paper import CIFAR_TEST_ERROR
-from resnetlab.report import group_by_label, label_axes, markdown_table, mean_curve, mean_std, new_figure, percent, save_figure
+from resnetlab.report import (
+    group_by_label,
+    label_axes,
+    markdown_table,
+    mean_curve,
+    mean_std,
+    new_figure,
+    percent,
+    save_figure,
+)
 
 TITLE = "Degradation: plain vs residual nets of increasing depth (paper Fig. 6)"
 PRESET = Preset("degradation", depths=(20, 32, 44, 56), iterations=2000)
@@ -29,7 +38,8 @@ def depth_gaps(runs: list[dict], kind: str) -> dict | None:
         return None
     error = {(run["model"], run["seed"]): run["final_train_error"] for run in runs}
     shallow, deep = f"{kind}{depths[0]}", f"{kind}{depths[-1]}"
-    seeds = sorted({seed for model, seed in error if model == shallow} & {seed for model, seed in error if model == deep})
+    seeds = sorted({seed for model, seed in error if model == shallow}
+                   & {seed for model, seed in error if model == deep})
     gaps = [error[deep, seed] - error[shallow, seed] for seed in seeds]
     mean, std = mean_std(gaps)
     return {"shallow": shallow, "deep": deep, "gaps": gaps, "mean": mean, "std": std}
@@ -80,7 +90,7 @@ def plot_curves(runs: list[dict], out: Path) -> str:
     groups = group_by_label(runs)
     figure, axes = new_figure(columns=len(KINDS))
     for ax, kind in zip(axes[0], KINDS):
-        for index, (label, group) in enumerate((l, g) for l, g in groups.items() if l.startswith(kind)):
+        for index, (label, group) in enumerate((name, g) for name, g in groups.items() if name.startswith(kind)):
             colour = f"C{index}"
             ax.plot(*mean_curve(group, "train_error"), "--", color=colour, linewidth=1, label=f"{label} train")
             ax.plot(*mean_curve(group, "test_error"), "-", color=colour, linewidth=2, label=f"{label} test")

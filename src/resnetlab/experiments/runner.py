@@ -12,15 +12,15 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from resnetlab.checkpoint import checkpoint_path, load_model
-from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, resolve_config
 from resnetlab.files import write_json_atomically
+from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, resolve_config
 from resnetlab.train import resume_config, train
 
 RESULTS_NAME = "results.json"
