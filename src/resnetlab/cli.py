@@ -188,14 +188,21 @@ def print_report(out: str) -> int:
     return 0
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of a training run; None means "not given", so presets and TOML files keep their values."""
-    p.add_argument("--model", help="a name from `resnetlab models`, e.g. resnet20")
-    p.add_argument("--data", help="cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH or digits")
+def add_run_arguments(p: argparse.ArgumentParser, *, model: str, data: str, recipe: str) -> None:
+    """The flags every training command has: what to train, on what, where, and from which settings."""
+    p.add_argument("--model", help=model)
+    p.add_argument("--data", help=data)
     p.add_argument("--out", help="the run directory (created)")
-    p.add_argument("--recipe", help="preset: cifar (default) or imagenet")
+    p.add_argument("--recipe", help=recipe)
     p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run; None means "not given", so presets and TOML files keep their values."""
+    add_run_arguments(p, model="a name from `resnetlab models`, e.g. resnet20",
+                      data="cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH or digits",
+                      recipe="preset: cifar (default) or imagenet")
     p.add_argument("--init", metavar="PATH", help="start from these weights: a run directory, its checkpoint.pt or "
                    "model.safetensors, or a torchvision/timm state_dict (.pth); an fc for another number of classes "
                    "is re-initialised")
@@ -329,13 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_detect_commands(sub) -> None:
     p = sub.add_parser("train", help="train a detector (the recipe's settings, overridden by --config and flags)")
-    p.add_argument("--model", help="backbone: a name from `resnetlab models` (e.g. resnet101, plain34) or vgg16")
-    p.add_argument("--data", help="coco:PATH (annotations/instances_<split>.json + <split>/) or voc:PATH "
-                   "(VOCdevkit/VOC2007)")
-    p.add_argument("--out", help="the run directory (created)")
-    p.add_argument("--recipe", help="preset: voc (default), coco (the paper's) or small (CPU checks)")
-    p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
-    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    add_run_arguments(p, model="backbone: a name from `resnetlab models` (e.g. resnet101, plain34) or vgg16",
+                      data="coco:PATH (annotations/instances_<split>.json + <split>/) or voc:PATH (VOCdevkit/VOC2007)",
+                      recipe="preset: voc (default), coco (the paper's) or small (CPU checks)")
     p.add_argument("--backbone-weights", metavar="PATH", help="a resnetlab run directory or checkpoint, or a "
                    "torchvision-format state_dict (.pth or .safetensors); BN is then frozen. Default: from scratch, "
                    "BN trained")
