@@ -39,7 +39,7 @@ from resnetlab.files import write_json_atomically
 from resnetlab.models import MODELS, create_model
 from resnetlab.precision import Precision, autocast, memory_format, pick_device, resolve_precision
 from resnetlab.progress import Progress
-from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, validate
+from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, flag, validate
 
 
 class NonFiniteLossError(ResnetlabError):
@@ -393,10 +393,10 @@ def resume_config(out: str | Path, changes: dict | None = None) -> TrainConfig:
     if "out" in changes and Path(changes["out"]).resolve() != Path(out).resolve():
         conflicts.append("out")
     if conflicts:
-        details = ", ".join(f"--{key.replace('_', '-')} {changes[key]!r} (the run has {stored.get(key)!r})"
+        details = ", ".join(f"--{flag(key)} {changes[key]!r} (the run has {stored.get(key)!r})"
                             for key in conflicts)
         raise ValueError(f"{out} resumes as it was started; these flags differ from it: {details}. Only "
-                         f"{', '.join('--' + key.replace('_', '-') for key in COMPUTE_KEYS)} may change on resume")
+                         f"{', '.join('--' + flag(key) for key in COMPUTE_KEYS)} may change on resume")
     config = replace(config, **{key: value for key, value in changes.items() if key in COMPUTE_KEYS})
     validate(config)
     return config
