@@ -2,16 +2,18 @@
 
     python benchmarks/inference_agreement.py RUN_DIR [RUN_DIR ...] [--data SPEC]
 
-For each checkpoint, the test split of its dataset (or --data) is scored three ways: the model as trained (fp32,
-BN separate), `export.fast_inference` in fp32 (BN folded, channels_last) and in bf16. Each row gives the share
+For each checkpoint, the test split of its dataset (or --data) is scored four ways: the model as trained (fp32,
+BN separate), `export.fast_inference` in fp32 (BN folded, channels_last) and in bf16, and `--precision int8`
+(`quantize`, calibrated on the run's own training images; left out without ONNX Runtime). Each row gives the share
 of images whose top-1 class equals the fp32 model's, the largest logit difference relative to the largest
-logit, and the top-1 test error. The goal (docs/benchmarks.md): bf16 top-1 agreement of at least 99% on real
-images.
+logit, and the top-1 test error. The goals (docs/benchmarks.md): bf16 and int8 top-1 agreement of at least 99% on
+real images, and int8's test error within 0.5 point of fp32's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import torch
 
@@ -19,6 +21,7 @@ from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.export import fast_inference
+from resnetlab.quantize import int8_inference, run_calibration_batch
 
 
 @torch.no_grad()
@@ -44,6 +47,8 @@ def main() -> None:
         reference, labels = logits_of(model, test, normalize)
         paths = {"fp32 model": model, "fast fp32": fast_inference(model, precision="fp32"),
                  "fast bf16": fast_inference(model, precision="bf16")}
+        if importlib.util.find_spec("onnxruntime"):
+            paths["int8"] = int8_inference(model, run_calibration_batch(state))
         for name, network in paths.items():
             logits = reference if network is model else logits_of(network, test, normalize)[0]
             agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()

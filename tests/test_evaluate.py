@@ -214,7 +214,7 @@ def test_predict_in_bf16_keeps_the_fp32_ranking_head(run, trained, tmp_path):
     rounded = predict(run, paths, k=1, device="cpu", precision="bf16")
     assert [r[0][0] for r in rounded] == [e[0][0] for e in exact]
     assert [r[0][1] for r in rounded] == pytest.approx([e[0][1] for e in exact], abs=0.02)
-    with pytest.raises(ValueError, match="precision='fp16' is not valid; choose auto, bf16 or fp32"):
+    with pytest.raises(ValueError, match="precision='fp16' is not valid; choose auto, bf16, fp32 or int8"):
         predict(run, paths, precision="fp16")
 
 
@@ -231,7 +231,7 @@ def test_cli_evaluate_prints_the_errors(run, capsys):
     result = evaluate_checkpoints([run], mode="center")
     assert cli_main(["evaluate", str(run), "--mode", "center", "--data", "digits", "--batch-size", "64"]) == 0
     out = capsys.readouterr().out
-    assert out == (f"{run / 'checkpoint.pt'} on digits (test split, 360 images), center: "
+    assert out == (f"{run / 'checkpoint.pt'} on digits (test split, 360 images), center, fp32: "
                    f"top-1 error {100 * result['top1_error']:.2f}%, top-5 error {100 * result['top5_error']:.2f}%\n")
     assert cli_main(["evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == result

@@ -7,21 +7,26 @@ Training reference: how popular CIFAR reproductions run: fp32, NCHW, eager, each
 (pad 4, random 32x32 crop, random flip, to float, normalize) in DataLoader workers. The project's path is what
 `resnetlab train` does by default (TrainConfig's precision and layout, whole-batch uint8 augmentation); bf16 is
 added as a row where the CPU has it and the default is fp32. Inference reference: fp32, NCHW, eager; the
-project's path is `export.fast_inference`. Both sides see synthetic data of the real shape (speed does not
-depend on the pixel values). The paths take turns in rounds, so a machine shared with other work slows all of
-them alike; images/s is the median over rounds, with the min and max beside it.
+project's path is `export.fast_inference`; beside them, where ONNX Runtime is installed, the int8 path of
+`--precision int8` (`quantize`, calibrated here on synthetic images) and ONNX Runtime running the same fp32
+network. All paths see synthetic data of the real shape (speed does not depend on the pixel values). The paths
+take turns in rounds, so a machine shared with other work slows all of them alike; images/s is the median over
+rounds, with the min and max beside it.
 
 Achieved GFLOP/s counts 2 FLOPs per multiply-add of the convs and the fc (paper's MACs, `complexity`): forward
 only for inference, 3x the forward for a training step (forward, grad of the input, grad of the weights). The
-roof is a 4096x4096 bf16 matmul measured in the same run.
+roof is the faster of a 4096x4096 fp32 and bf16 matmul measured in the same run (fp32 unless the CPU has AMX); an
+int8 path can pass it, which is the point of int8.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,7 @@ from resnetlab.complexity import complexity, native_input_size
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
-from resnetlab.export import fast_inference
+from resnetlab.export import fast_inference, fold_batchnorm
 from resnetlab.models import create_model, model_family
 from resnetlab.precision import Precision, cpu_has_bf16, memory_format, resolve_precision
 from resnetlab.recipes import RECIPES, TrainConfig
@@ -64,10 +69,10 @@ def check_settings(batch_size: int, seconds: float) -> None:
         raise ValueError(f"--seconds must be > 0, got {seconds!r}")
 
 
-def bf16_matmul_roof(size: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of the best of `repeats` bf16 size x size matmuls: the machine's practical compute ceiling."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+def matmul_roof(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` size x size matmuls in `dtype`: the machine's practical compute ceiling."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up: oneDNN picks and caches its kernel
     best = min(timed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
@@ -192,6 +197,25 @@ def bench_train(model_name: str, batch_size: int = 128, seconds: float = 30.0, *
 # Inference
 
 
+def onnx_runtime_paths(model: torch.nn.Module, input_size: tuple[int, int, int]
+                       ) -> dict[str, Callable[[torch.Tensor], object]]:
+    """The int8 path and ONNX Runtime on the fp32 network (BN folded), or none without ONNX Runtime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return {}
+    from resnetlab.quantize import CALIBRATION_IMAGES, OnnxRuntimeNetwork, int8_inference
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "fp32.onnx"
+        torch.onnx.export(fold_batchnorm(model), (torch.zeros(2, *input_size),), str(path), input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+        fp32 = OnnxRuntimeNetwork(path.read_bytes())
+    calibration = torch.randn(CALIBRATION_IMAGES // 4, *input_size, generator=torch.Generator().manual_seed(0))
+    return {"resnetlab --precision int8 (ONNX Runtime static int8)": int8_inference(model, calibration),
+            f"ONNX Runtime {onnxruntime.__version__} (BN folded, fp32)": fp32}
+
+
 def bench_infer(model_name: str, batch_size: int = 16, seconds: float = 30.0, compile: bool = False,
                 more_paths: Callable[[torch.nn.Module], dict[str, Callable[[torch.Tensor], object]]] | None = None
                 ) -> dict:
@@ -205,7 +229,7 @@ def bench_infer(model_name: str, batch_size: int = 16, seconds: float = 30.0, co
     fast = fast_inference(model, precision=precision, compile=compile)
     paths = {"reference (fp32, NCHW, eager)": model,
              f"resnetlab fast path (BN folded, channels_last, {precision}{', compiled' if compile else ''})": fast,
-             **(more_paths(model) if more_paths else {})}
+             **onnx_runtime_paths(model, input_size), **(more_paths(model) if more_paths else {})}
     batch, single = torch.randn(batch_size, *input_size), torch.randn(1, *input_size)
 
     def step(network: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], int]:
@@ -224,19 +248,21 @@ def bench_infer(model_name: str, batch_size: int = 16, seconds: float = 30.0, co
 
 
 def report(kind: str, model_name: str, batch_size: int, results: list[PathResult], flops_per_image: float) -> dict:
-    roof = bf16_matmul_roof()
+    roofs = {"fp32_roof_gflops": matmul_roof(torch.float32), "bf16_roof_gflops": matmul_roof(torch.bfloat16)}
     rows = [result.summary(flops_per_image) for result in results]
     for row in rows:
         row["vs_reference"] = row["images_per_second"] / rows[0]["images_per_second"]
-        row["fraction_of_roof"] = row["gflops"] / roof
-    return {"kind": kind, "model": model_name, "batch_size": batch_size, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "bf16_roof_gflops": roof, "paths": rows,
-            "reference": rows[0], "default": rows[1]}
+        row["fraction_of_roof"] = row["gflops"] / max(roofs.values())
+    summary = {"kind": kind, "model": model_name, "batch_size": batch_size, "threads": torch.get_num_threads(),
+               "torch": torch.__version__, **roofs, "paths": rows, "reference": rows[0], "default": rows[1]}
+    int8 = [row for row in rows if "int8" in row["path"]]
+    return {**summary, "int8": int8[0]} if int8 else summary
 
 
 def format_table(summary: dict) -> str:
     lines = [f"{summary['kind']} {summary['model']}, batch {summary['batch_size']}, {summary['threads']} threads, "
-             f"torch {summary['torch']}; bf16 matmul roof {summary['bf16_roof_gflops']:.0f} GFLOP/s",
+             f"torch {summary['torch']}; matmul roofs: fp32 {summary['fp32_roof_gflops']:.0f}, bf16 "
+             f"{summary['bf16_roof_gflops']:.0f} GFLOP/s (% roof: of the faster)",
              f"{'path':<62} {'images/s':>9} {'(min-max)':>13} {'x ref':>6} {'GFLOP/s':>8} {'% roof':>7}"
              + (f" {'batch-1 ms':>10}" if summary["kind"] == "infer" else "")]
     for row in summary["paths"]:

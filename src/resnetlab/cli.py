@@ -53,12 +53,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from resnetlab.evaluate import evaluate_checkpoints
 
     result = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.mode,
-                                  batch_size=args.batch_size, workers=args.workers)
+                                  batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                                  calibration_data=args.calibration_data)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     models = " + ".join(result["checkpoints"])
-    print(f"{models} on {result['data']} (test split, {result['images']:,} images), {result['mode']}: "
+    print(f"{models} on {result['data']} (test split, {result['images']:,} images), {result['mode']}, "
+          f"{result['precision']}: "
           f"top-1 error {100 * result['top1_error']:.2f}%, top-5 error {100 * result['top5_error']:.2f}%")
     return 0
 
@@ -66,7 +68,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from resnetlab.evaluate import predict
 
-    for path, ranking in zip(args.images, predict(args.checkpoint, args.images, args.top, precision=args.precision)):
+    for path, ranking in zip(args.images, predict(args.checkpoint, args.images, args.top, precision=args.precision,
+                                                    calibration_data=args.calibration_data)):
         print(path)
         for name, probability in ranking:
             print(f"  {probability:8.4f}  {name}")
@@ -90,7 +93,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from resnetlab.export import export
 
-    print(f"wrote {export(args.checkpoint, args.format, args.out)} (BN folded into the convolutions, fp32)")
+    path = export(args.checkpoint, args.format, args.out, precision=args.precision,
+                  calibration_data=args.calibration_data)
+    print(f"wrote {path} (BN folded into the convolutions, {args.precision})")
     return 0
 
 
@@ -188,6 +193,11 @@ def print_report(out: str) -> int:
     return 0
 
 
+def add_calibration_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration-data", metavar="SPEC", help="--precision int8: the dataset whose training images "
+                   "calibrate the quantization (default: the one the checkpoint was trained on)")
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, model: str, data: str, recipe: str) -> None:
     """The flags every training command has: what to train, on what, where, and from which settings."""
     p.add_argument("--model", help=model)
@@ -277,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT", help="more checkpoints; scores are averaged")
     p.add_argument("--batch-size", type=int, default=500, help="views per forward pass (10crop: 1/10 as many images)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes for image folders")
+    p.add_argument("--precision", default="fp32", choices=INFERENCE_PRECISIONS,
+                   help="fp32 (default: the model as trained), bf16, int8 (CPU, ONNX Runtime) or auto")
+    add_calibration_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -285,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read")
     p.add_argument("--top", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
     p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS,
-                   help="auto (default): bf16 where the CPU has AMX, else fp32")
+                   help="auto (default): bf16 where the CPU has AMX, else fp32; int8: quantized (CPU, ONNX Runtime)")
+    add_calibration_argument(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("detect", help="Faster R-CNN object detection on a ResNet or VGG-16 backbone (paper Sec. 4.3; "
@@ -304,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint's model with BN folded, as ONNX or TorchScript")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--out", metavar="FILE", help="default: model.onnx / model.torchscript.pt beside the checkpoint")
+    p.add_argument("--out", metavar="FILE",
+                   help="default: model.onnx / model.int8.onnx / model.torchscript.pt beside the checkpoint")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: quantized, ONNX only")
+    add_calibration_argument(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")

@@ -41,7 +41,8 @@ from resnetlab.checkpoint import checkpoint_path, load_model
 from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
 from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, DatasetSpec, FolderDataset, load_dataset
 from resnetlab.export import fast_inference
-from resnetlab.precision import Precision, autocast, pick_device, resolve_precision
+from resnetlab.precision import Precision, autocast, inference_device, resolve_precision
+from resnetlab.quantize import int8_inference, run_calibration_batch
 
 MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
@@ -166,7 +167,7 @@ def load_models(checkpoints: Sequence[str | Path], device: torch.device) -> list
 
 def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: ArrayDataset | FolderDataset,
                            mode: str = "center", *, device: torch.device, batch_size: int = 500,
-                           workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                           precision: Precision = "fp32", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores of `data` averaged over the (model, checkpoint) pairs of `load_models` (one: its own
     scores), each with its own normalization and training padding; and the labels."""
     scores, labels = [], None
@@ -174,18 +175,23 @@ def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: Array
         recipe = state.get("config", {}).get("recipe", {})
         model_scores, labels = mode_probabilities(
             model, data, Normalize.from_state_dict(state["normalize"]), mode, device=device,
-            padding=recipe.get("padding", 4), batch_size=batch_size, workers=workers)
+            padding=recipe.get("padding", 4), batch_size=batch_size, precision=precision, workers=workers)
         scores.append(model_scores)
     return torch.stack(scores).mean(0), labels
 
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, mode: str = "center", *,
-                         device: str = "auto", batch_size: int = 500, workers: int = 0) -> dict:
-    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on)."""
+                         device: str = "auto", batch_size: int = 500, workers: int = 0, precision: str = "fp32",
+                         calibration_data: str | None = None) -> dict:
+    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on).
+
+    `precision`: fp32 (the model as trained), bf16 (autocast), int8 (`quantize`: each checkpoint calibrated on
+    the training split of `calibration_data`, by default its own run's dataset), or auto (`resolve_precision`)."""
     check_mode(mode)  # before loading anything
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    target = pick_device(device)
+    target = inference_device(device, precision)
+    precision = resolve_precision(precision, target, training=False)
     models = load_models(checkpoints, target)
     if mode == "multiscale":  # refused before any data is read
         for path, (_, state) in zip(checkpoints, models):
@@ -202,10 +208,13 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         raise ValueError(f"{spec} has classes {splits.classes[:3]}... ({splits.num_classes}), but "
                          f"{checkpoint_path(checkpoints[0])} predicts {first['classes'][:3]}... "
                          f"({len(first['classes'])})")
+    if precision == "int8":
+        models = [(int8_inference(model, run_calibration_batch(state, calibration_data)), state)
+                  for model, state in models]
     scores, labels = ensemble_probabilities(models, splits.test, mode, device=target, batch_size=batch_size,
-                                            workers=workers)
+                                            precision=precision, workers=workers)
     return {"checkpoints": [str(checkpoint_path(path)) for path in checkpoints], "data": spec, "mode": mode,
-            "images": len(labels), "top1_error": top_k_error(scores, labels, 1),
+            "precision": precision, "images": len(labels), "top1_error": top_k_error(scores, labels, 1),
             "top5_error": top_k_error(scores, labels, 5)}
 
 
@@ -227,18 +236,20 @@ def prediction_input(path: str | Path, channels: int, side: int, border: float) 
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
-            device: str = "auto", precision: str = "auto") -> list[list[tuple[str, float]]]:
+            device: str = "auto", precision: str = "auto", calibration_data: str | None = None
+            ) -> list[list[tuple[str, float]]]:
     """The k most probable (class name, probability) of each image, most probable first.
 
     Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
     the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
     sees its validation view (shorter side 256, central 224); a small-image model the central square resized.
     The model runs as `export.fast_inference`: BN folded, channels_last, and with precision "auto" bf16 only where
-    the CPU has AMX (`precision.resolve_precision`).
+    the CPU has AMX (`precision.resolve_precision`); with "int8" as `quantize.int8_inference`, calibrated on the
+    training split of `calibration_data` (default: the run's own dataset).
     """
     if k < 1:
         raise ValueError(f"--top must be >= 1, got {k}")
-    target = pick_device(device)
+    target = inference_device(device, precision)
     precision = resolve_precision(precision, target, training=False)  # before any image is read
     model, state = load_model(checkpoint)
     normalize = Normalize.from_state_dict(state["normalize"])
@@ -248,7 +259,9 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     validation = CenterCrop()
     border = (1 - validation.crop / validation.resize) / 2 if spec and DatasetSpec.parse(spec).kind == "folder" else 0.0
     images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
-    scores = fast_inference(model.to(target), precision=precision)(normalize(images.to(target))).softmax(1).cpu()
+    network = (int8_inference(model, run_calibration_batch(state, calibration_data)) if precision == "int8"
+               else fast_inference(model.to(target), precision=precision))
+    scores = network(normalize(images.to(target))).softmax(1).cpu()
     top = scores.topk(min(k, scores.shape[1]), dim=1)
     return [[(state["classes"][i], p) for i, p in zip(indices.tolist(), probs.tolist())]
             for indices, probs in zip(top.indices, top.values)]

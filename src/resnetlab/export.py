@@ -5,6 +5,7 @@ bias: `fold_batchnorm` returns that network (fp32 logits within 1e-4 of the orig
 for speed: channels_last, bf16 autocast where the CPU computes bf16 natively, and optionally torch.compile.
 
     resnetlab export runs/x --format onnx --out resnet20.onnx
+    resnetlab export runs/x --format onnx --precision int8    # runs/x/model.int8.onnx (resnetlab.quantize)
 
 The exported model takes the normalized image batch (N, C, H, W) and returns logits; the batch size is free.
 """
@@ -25,6 +26,7 @@ from resnetlab.precision import resolve_precision
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+EXPORT_PRECISIONS = ("fp32", "int8")
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -83,16 +85,29 @@ def fast_inference(model: nn.Module, *, precision: str = "auto", compile: bool =
     return torch.compile(fast)
 
 
-def export(checkpoint: str | Path, format: str, out: str | Path | None = None) -> Path:
-    """Write the checkpoint's model, BN folded, fp32, as ONNX or TorchScript; returns the file written.
-    `out` defaults to model.onnx / model.pt in a run directory, else the checkpoint's name with that suffix."""
+def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *, precision: str = "fp32",
+           calibration_data: str | None = None) -> Path:
+    """Write the checkpoint's model, BN folded, as ONNX or TorchScript; returns the file written.
+
+    precision "int8" (ONNX only) writes the int8 model of `quantize.quantized_onnx`, calibrated on the training
+    split of `calibration_data` (default: the run's own dataset). `out` defaults to model.onnx /
+    model.int8.onnx / model.torchscript.pt in a run directory, else the checkpoint's name with that suffix."""
     if format not in FORMATS:
         raise ValueError(f"--format {format!r} is not valid; choose one of {', '.join(FORMATS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not valid for export; choose {' or '.join(EXPORT_PRECISIONS)}")
+    if precision == "int8" and format != "onnx":
+        raise ValueError("--precision int8 is exported as ONNX only (ONNX Runtime runs it): use --format onnx")
     model, state = load_model(checkpoint)
+    path = Path(out) if out is not None else default_export_path(Path(checkpoint), format, precision)
+    if precision == "int8":
+        from resnetlab.quantize import quantized_onnx, run_calibration_batch
+
+        path.write_bytes(quantized_onnx(model, run_calibration_batch(state, calibration_data)))
+        return path
     folded = fold_batchnorm(model)
     example = torch.zeros(2, *native_input_size(model_family(state["model_name"]), state["model_kwargs"]
                                                 .get("in_channels", 3)))
-    path = Path(out) if out is not None else default_export_path(Path(checkpoint), format)
     with torch.no_grad():
         if format == "torchscript":
             torch.jit.save(torch.jit.trace(folded, example), str(path))
@@ -103,6 +118,6 @@ def export(checkpoint: str | Path, format: str, out: str | Path | None = None) -
     return path
 
 
-def default_export_path(checkpoint: Path, format: str) -> Path:
-    suffix = SUFFIXES[format]
+def default_export_path(checkpoint: Path, format: str, precision: str = "fp32") -> Path:
+    suffix = (".int8" if precision == "int8" else "") + SUFFIXES[format]
     return checkpoint / f"model{suffix}" if checkpoint.is_dir() else checkpoint.with_name(checkpoint.stem + suffix)

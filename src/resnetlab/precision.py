@@ -13,10 +13,12 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16"]  # what a computation runs in: float32, or bf16 autocast (convs and the fc)
+# What a computation runs in: float32, bf16 autocast (convs and the fc), or, for inference on the CPU only, int8
+# (ONNX Runtime's static quantization, resnetlab.quantize).
+Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")  # training's choices, its default first
-# Inference may also ask for "auto", its default: bf16 where it is measured faster than fp32, else fp32.
-INFERENCE_PRECISIONS = ("auto", "bf16", "fp32")
+# Inference may also ask for "auto", predict's default: bf16 where it is measured faster than fp32, else fp32.
+INFERENCE_PRECISIONS = ("auto", "bf16", "fp32", "int8")
 
 
 def check_precision(name: object, *, training: bool) -> None:
@@ -38,6 +40,8 @@ def resolve_precision(name: str, device: torch.device, *, training: bool) -> Pre
     check_precision(name, training=training)
     if name == "auto":
         return "bf16" if device.type == "cpu" and bf16_is_faster() else "fp32"
+    if name == "int8" and device.type != "cpu":
+        raise ValueError(f"--precision int8 runs on the CPU (ONNX Runtime), not on {device}: use --device cpu")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16 needs a GPU with bf16 (Ampere or newer); {device} has none: use fp32")
     return name
@@ -52,9 +56,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def inference_device(name: str, precision: str) -> torch.device:
+    """`pick_device` for inference: "auto" is the CPU for int8, which runs there only (ONNX Runtime)."""
+    return pick_device("cpu" if name == "auto" and precision == "int8" else name)
+
+
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the convolutions and the fc; a no-op for fp32."""
-    if precision == "fp32":
+    """bf16 autocast for the convolutions and the fc; a no-op otherwise (int8 networks quantize themselves)."""
+    if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
