@@ -123,3 +123,12 @@ def test_bench_infer_json_reports_both_paths_from_the_same_run(capsys):
     assert summary["reference"]["images_per_second"] > 0 and summary["default"]["images_per_second"] > 0
     assert summary["default"]["vs_reference"] == pytest.approx(
         summary["default"]["images_per_second"] / summary["reference"]["images_per_second"])
+    # The int8 path and ONNX Runtime's fp32 are rows of the same run, and the roofs of both float formats are given.
+    pytest.importorskip("onnxruntime")
+    names = [row["path"] for row in summary["paths"]]
+    assert summary["int8"]["path"] == "resnetlab --precision int8 (ONNX Runtime static int8)"
+    assert summary["int8"] in summary["paths"]
+    assert any(name.startswith("ONNX Runtime") and name.endswith("(BN folded, fp32)") for name in names)
+    assert summary["fp32_roof_gflops"] > 0 and summary["bf16_roof_gflops"] > 0
+    roof = max(summary["fp32_roof_gflops"], summary["bf16_roof_gflops"])
+    assert summary["int8"]["fraction_of_roof"] == pytest.approx(summary["int8"]["gflops"] / roof)

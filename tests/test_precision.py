@@ -116,7 +116,8 @@ def test_the_cli_offers_the_library_precisions(capsys):
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["predict", "run", "image.png", "--precision", "fp16"])
-    assert re.search(r"invalid choice: 'fp16' \(choose from '?auto'?, '?bf16'?, '?fp32'?, '?int8'?\)", capsys.readouterr().err)
+    assert re.search(r"invalid choice: 'fp16' \(choose from '?auto'?, '?bf16'?, '?fp32'?, '?int8'?\)",
+                     capsys.readouterr().err)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--help"])
     assert "--precision PRECISION fp32 or bf16 " in " ".join(capsys.readouterr().out.split())
