@@ -21,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from resnetlab.checkpoint import load_model
 from resnetlab.complexity import native_input_size
+from resnetlab.files import write_atomically
 from resnetlab.models import model_family
 from resnetlab.precision import resolve_precision
 
@@ -103,7 +104,8 @@ def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *
     if precision == "int8":
         from resnetlab.quantize import quantized_onnx, run_calibration_batch
 
-        path.write_bytes(quantized_onnx(model, run_calibration_batch(state, calibration_data)))
+        onnx_model = quantized_onnx(model, run_calibration_batch(state, calibration_data))
+        write_atomically(path, lambda file: file.write(onnx_model))  # an existing file survives a failed export
         return path
     folded = fold_batchnorm(model)
     example = torch.zeros(2, *native_input_size(model_family(state["model_name"]), state["model_kwargs"]
