@@ -35,7 +35,7 @@ from resnetlab.complexity import complexity, native_input_size
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
-from resnetlab.export import fast_inference, fold_batchnorm
+from resnetlab.export import fast_inference, fold_batchnorm, write_onnx
 from resnetlab.models import create_model, model_family
 from resnetlab.precision import Precision, cpu_has_bf16, memory_format, resolve_precision
 from resnetlab.recipes import RECIPES, TrainConfig
@@ -208,8 +208,7 @@ def onnx_runtime_paths(model: torch.nn.Module, input_size: tuple[int, int, int]
 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "fp32.onnx"
-        torch.onnx.export(fold_batchnorm(model), (torch.zeros(2, *input_size),), str(path), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+        write_onnx(fold_batchnorm(model), torch.zeros(2, *input_size), path)
         fp32 = OnnxRuntimeNetwork(path.read_bytes())
     calibration = torch.randn(CALIBRATION_IMAGES // 4, *input_size, generator=torch.Generator().manual_seed(0))
     return {"resnetlab --precision int8 (ONNX Runtime static int8)": int8_inference(model, calibration),

@@ -114,10 +114,16 @@ def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *
         if format == "torchscript":
             torch.jit.save(torch.jit.trace(folded, example), str(path))
         else:
-            # The TorchScript-based exporter needs no onnxscript; the batch dimension stays free.
-            torch.onnx.export(folded, (example,), str(path), input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            write_onnx(folded, example, path)
     return path
+
+
+def write_onnx(folded: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """The fp32 ONNX form of a folded network: input "images" (normalized, any batch size), output "logits"."""
+    with torch.no_grad():
+        # The TorchScript-based exporter needs no onnxscript; the batch dimension stays free.
+        torch.onnx.export(folded, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
 
 def default_export_path(checkpoint: Path, format: str, precision: str = "fp32") -> Path:

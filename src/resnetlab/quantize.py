@@ -28,7 +28,7 @@ from torch import nn
 
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import ArrayDataset, FolderDataset, load_dataset
-from resnetlab.export import fold_batchnorm
+from resnetlab.export import fold_batchnorm, write_onnx
 
 # Enough images for stable activation ranges (ONNX Runtime's MinMax calibration); more only costs time.
 CALIBRATION_IMAGES = 256
@@ -76,11 +76,9 @@ def quantized_onnx(model: nn.Module, calibration: torch.Tensor) -> bytes:
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch.contiguous().numpy()}
 
-    folded = fold_batchnorm(model.cpu())
-    with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+    with tempfile.TemporaryDirectory() as scratch:
         fp32, prepared, int8 = (Path(scratch) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
-        torch.onnx.export(folded, (calibration[:2],), str(fp32), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        write_onnx(fold_batchnorm(model.cpu()), calibration[:2], fp32)
         # Shape inference and graph clean-up before quantizing, as ONNX Runtime's quantization guide asks.
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         classifier = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type in ("Gemm", "MatMul")]
