@@ -42,6 +42,7 @@ from resnetlab.recipes import RECIPES, TrainConfig
 from resnetlab.train import training_step
 
 SYNTHETIC_IMAGES = 2048
+INT8_PATH = "resnetlab --precision int8 (ONNX Runtime static int8)"  # the row --json also gives as "int8"
 NUM_CLASSES = 10
 ROUNDS = 3
 
@@ -211,7 +212,7 @@ def onnx_runtime_paths(model: torch.nn.Module, input_size: tuple[int, int, int]
         write_onnx(fold_batchnorm(model), torch.zeros(2, *input_size), path)
         fp32 = OnnxRuntimeNetwork(path.read_bytes())
     calibration = torch.randn(CALIBRATION_IMAGES // 4, *input_size, generator=torch.Generator().manual_seed(0))
-    return {"resnetlab --precision int8 (ONNX Runtime static int8)": int8_inference(model, calibration),
+    return {INT8_PATH: int8_inference(model, calibration),
             f"ONNX Runtime {onnxruntime.__version__} (BN folded, fp32)": fp32}
 
 
@@ -254,7 +255,7 @@ def report(kind: str, model_name: str, batch_size: int, results: list[PathResult
         row["fraction_of_roof"] = row["gflops"] / max(roofs.values())
     summary = {"kind": kind, "model": model_name, "batch_size": batch_size, "threads": torch.get_num_threads(),
                "torch": torch.__version__, **roofs, "paths": rows, "reference": rows[0], "default": rows[1]}
-    int8 = [row for row in rows if "int8" in row["path"]]
+    int8 = [row for row in rows if row["path"] == INT8_PATH]
     return {**summary, "int8": int8[0]} if int8 else summary
 
 

@@ -7,7 +7,7 @@ import re
 import sys
 
 from resnetlab.errors import ResnetlabError
-from resnetlab.precision import INFERENCE_PRECISIONS, PRECISIONS
+from resnetlab.precision import EXPORT_PRECISIONS, INFERENCE_PRECISIONS, PRECISIONS
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", metavar="FILE",
                    help="default: model.onnx / model.int8.onnx / model.torchscript.pt beside the checkpoint")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: quantized, ONNX only")
+    p.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS, help="int8: quantized, ONNX only")
     add_calibration_argument(p)
     p.set_defaults(func=cmd_export)
 

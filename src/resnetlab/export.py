@@ -23,11 +23,10 @@ from resnetlab.checkpoint import load_model
 from resnetlab.complexity import native_input_size
 from resnetlab.files import write_atomically
 from resnetlab.models import model_family
-from resnetlab.precision import resolve_precision
+from resnetlab.precision import EXPORT_PRECISIONS, resolve_precision
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-EXPORT_PRECISIONS = ("fp32", "int8")
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

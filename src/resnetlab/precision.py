@@ -19,6 +19,7 @@ Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")  # training's choices, its default first
 # Inference may also ask for "auto", predict's default: bf16 where it is measured faster than fp32, else fp32.
 INFERENCE_PRECISIONS = ("auto", "bf16", "fp32", "int8")
+EXPORT_PRECISIONS = ("fp32", "int8")  # what `resnetlab export` writes: the fp32 network, or its int8 form
 
 
 def check_precision(name: object, *, training: bool) -> None:
