@@ -11,6 +11,7 @@ from pathlib import Path
 
 from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.paper import CIFAR_TEST_ERROR
+from resnetlab.recipes import TrainConfig
 from resnetlab.report import (
     group_by_label,
     label_axes,
@@ -106,8 +107,9 @@ def report(results: dict, out: Path) -> str:
     runs = results["runs"]
     _, verdict = effect_verdict(runs)
     measured = ("" if results.get("so_far") else
-                "The final training error is measured in eval mode on the whole (un-augmented) training set; the "
-                "curves' training error is the running error of the augmented training batches, as in the paper.\n\n")
+                f"The final training error is measured in eval mode on the first {TrainConfig.train_eval_size:,} "
+                "(un-augmented) training images, or all of them in smaller sets; the curves' training error is the "
+                "running error of the augmented training batches, as in the paper.\n\n")
     return ("## Final errors\n\n" + results_table(runs) + "\n" + measured +
             "## Does the degradation problem show?\n\n" + verdict + "\n\n## Curves\n\n" + plot_curves(runs, out))
 
