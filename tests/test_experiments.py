@@ -237,3 +237,42 @@ def test_unknown_experiment_and_bad_depth_are_named(tmp_path, capsys):
         reproduce("fig9", tmp_path)
     assert main(["reproduce", "depth", "--out", str(tmp_path), "--depths", "21"]) == 2
     assert "--model 'resnet21' is not a named model" in capsys.readouterr().err
+
+
+def test_parallel_runs_end_exactly_where_the_same_runs_trained_one_after_the_other_end(tmp_path):
+    """--parallel changes how fast, not what: two runs trained at once in processes of their own (one thread each)
+    end with the same weights and errors as the same two trained in turn in this process with one thread."""
+    preset = replace(EXPERIMENTS["degradation"].preset, **TINY)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        reproduce("degradation", tmp_path / "one-by-one", preset=preset, depths=(20,), progress=False,
+                  log=lambda line: None)
+        torch.set_num_threads(2)  # shared by 2 processes: one thread each
+        lines = []
+        reproduce("degradation", tmp_path / "parallel", preset=preset, depths=(20,), progress=False,
+                  log=lines.append, parallel=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert sum("(in parallel)" in line for line in lines) == 2
+    assert sorted(line.split(":")[0] for line in lines if "train error" in line) == [
+        "[1/2] plain20 seed 0", "[2/2] resnet20 seed 0"]
+    for label in ("plain20-s0", "resnet20-s0"):
+        one, two = (tmp_path / way / "runs" / label for way in ("one-by-one", "parallel"))
+        summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
+        for key in ("train_top1_error", "test_top1_error", "test_top5_error"):
+            assert summaries[0][key] == summaries[1][key]
+        weights = [torch.load(run / "checkpoint.pt", weights_only=False)["model"] for run in (one, two)]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_parallel_failures_are_raised_together_naming_each_run(tmp_path, capsys):
+    preset = replace(EXPERIMENTS["degradation"].preset, **TINY)
+    with pytest.raises(RuntimeError, match=r"2 of 2 runs failed .*plain20 seed 0: --cuda-graphs needs one CUDA "
+                                           r"device.*resnet20 seed 0: --cuda-graphs needs one CUDA device"):
+        reproduce("degradation", tmp_path, preset=preset, depths=(20,), progress=False, log=lambda line: None,
+                  parallel=2, cuda_graphs=True)
+    assert not list(tmp_path.rglob("summary.json"))
+    assert main(["reproduce", "depth", "--out", str(tmp_path), "--parallel", "0"]) == 2
+    assert "--parallel must be a positive integer, got 0" in capsys.readouterr().err

@@ -103,7 +103,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from resnetlab.experiments import reproduce
 
     reproduce(args.experiment, args.out, data=args.data, iterations=args.iterations, seeds=args.seeds,
-              depths=args.depths, runs_dir=args.runs_dir, progress=not args.quiet, so_far=args.so_far)
+              depths=args.depths, runs_dir=args.runs_dir, progress=not args.quiet, so_far=args.so_far,
+              parallel=args.parallel, cuda_graphs=args.cuda_graphs)
     return print_report(args.out)
 
 
@@ -336,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "experiment's runs to reuse its trained networks")
     p.add_argument("--so-far", action="store_true", help="train nothing: report the runs as they stand, each "
                    "taken at the furthest iteration all of them have reached")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train up to N runs at once, each in its own process: for a GPU, which one small CIFAR net "
+                   "leaves mostly idle (start CUDA MPS first for the most throughput); on a small CPU they only "
+                   "share the cores")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each run's training step as CUDA graphs "
+                   "(one CUDA device; see `train --cuda-graphs`)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reproduce)
 

@@ -33,9 +33,10 @@ DEMO_OUT = "resnetlab-demo"
 def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations: int | None = None,
               seeds: int | None = None, depths: tuple[int, ...] | None = None, runs_dir: str | Path | None = None,
               progress: bool = True, log: Callable[[str], None] = print, preset: Preset | None = None,
-              command: str | None = None, so_far: bool = False) -> dict:
+              command: str | None = None, so_far: bool = False, parallel: int = 1, cuda_graphs: bool = False) -> dict:
     """Run experiment `name` into `out` (the preset's settings, overridden by the arguments given); return results.
-    With `so_far`, train nothing and report the runs as they stand (runner.runs_so_far)."""
+    With `so_far`, train nothing and report the runs as they stand (runner.runs_so_far). `parallel` and
+    `cuda_graphs` change only how fast the runs train (runner.train_arms), not what they compute."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
@@ -51,7 +52,8 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
         extra = {"so_far": {"iteration": runs[0]["iterations"] if runs else 0,
                             "reached": {f"{run['label']}-s{run['seed']}": run["reached"] for run in runs}}}
     else:
-        runs = train_arms(preset, arms, runs_dir, progress=progress, log=log)
+        runs = train_arms(preset, arms, runs_dir, progress=progress, log=log, parallel=parallel,
+                          cuda_graphs=cuda_graphs)
         extra = {}
     extra.update(experiment.analyse(preset, runs))
     training = f" --data {preset.data} --iterations {preset.iterations} --seeds {preset.seeds}" if arms else ""

@@ -3,17 +3,20 @@
 An experiment trains a list of *arms* (a named model, optionally with another shortcut option), each once per
 seed, into RUNS/<arm>-s<seed>/ with `resnetlab.train.train`. A run whose summary.json exists is not trained again
 (after checking that it was trained with the same settings); a run with only a checkpoint is resumed from it.
-Runs are trained one after the other: on a small CPU, parallel runs only compete for the same cores.
+Runs are trained one after the other, or with `parallel` several at once in worker processes (for a GPU: on a
+small CPU, parallel runs only compete for the same cores).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -88,29 +91,76 @@ def check_preset(preset: Preset) -> None:
 
 
 def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: bool = True,
-               log: Callable[[str], None] = print) -> list[dict]:
-    """Train (or skip, or resume) every arm for every seed, seed by seed, and return one entry per run."""
+               log: Callable[[str], None] = print, parallel: int = 1, cuda_graphs: bool = False) -> list[dict]:
+    """Train (or skip, or resume) every arm for every seed, seed by seed, and return one entry per run.
+
+    Every run's directory is checked before any training starts. With `parallel` > 1, up to that many runs train at
+    once, in as many worker processes: one small CIFAR net leaves most of a GPU idle (best under CUDA MPS), so
+    several together finish sooner; on a small CPU they only share the cores. A run that fails does not stop the
+    others; the failures are raised together at the end."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"--parallel must be a positive integer, got {parallel!r}")
     planned = [(arm, seed) for seed in range(preset.seeds) for arm in arms]
-    configs = [preset.configure(arm, seed, runs_dir / f"{arm.label}-s{seed}") for arm, seed in planned]
-    entries = []
-    for number, ((arm, seed), config) in enumerate(zip(planned, configs), start=1):
-        out = Path(config.out)
+    summaries, to_train = {}, []
+    for number, (arm, seed) in enumerate(planned, start=1):
+        out = runs_dir / f"{arm.label}-s{seed}"
+        config = replace(preset.configure(arm, seed, out), cuda_graphs=cuda_graphs)
         summary_file = out / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
             check_same_settings(TrainConfig.from_dict(summary["config"]), config, out)
             log(f"[{number}/{len(planned)}] {arm.label} seed {seed}: done earlier, kept ({out})")
-        else:
-            resume = checkpoint_path(out).is_file()
-            if resume:
-                check_same_settings(resume_config(out), config, out)
-            log(f"[{number}/{len(planned)}] {arm.label} seed {seed}: {'resuming' if resume else 'training'} "
-                f"{preset.iterations} iterations on {preset.data} -> {out}")
-            summary = train(config, resume=resume, progress=progress)
-            log(f"    train error {100 * summary['train_top1_error']:.2f}%, test error "
-                f"{100 * summary['test_top1_error']:.2f}%, {summary['wall_seconds']:.0f} s")
-        entries.append(run_entry(arm, seed, summary, out))
-    return entries
+            summaries[arm, seed] = summary
+            continue
+        resume = checkpoint_path(out).is_file()
+        if resume:
+            check_same_settings(resume_config(out), config, out)
+        to_train.append((f"[{number}/{len(planned)}] {arm.label} seed {seed}", (arm, seed), config, resume))
+    if parallel == 1 or len(to_train) <= 1:
+        for name, key, config, resume in to_train:
+            log(start_line(name, preset, config, resume))
+            summaries[key] = train(config, resume=resume, progress=progress)
+            log(f"    {result_line(summaries[key])}")
+    else:
+        summaries.update(train_in_processes(to_train, preset, parallel, log))
+    return [run_entry(arm, seed, summaries[arm, seed], runs_dir / f"{arm.label}-s{seed}") for arm, seed in planned]
+
+
+def start_line(name: str, preset: Preset, config: TrainConfig, resume: bool) -> str:
+    action = "resuming" if resume else "training"
+    return f"{name}: {action} {preset.iterations} iterations on {preset.data} -> {config.out}"
+
+
+def result_line(summary: dict) -> str:
+    return (f"train error {100 * summary['train_top1_error']:.2f}%, "
+            f"test error {100 * summary['test_top1_error']:.2f}%, {summary['wall_seconds']:.0f} s")
+
+
+def train_in_processes(to_train: list, preset: Preset, parallel: int, log: Callable[[str], None]) -> dict:
+    """Train the runs `parallel` at a time in as many worker processes, which share the CPU threads."""
+    threads = max(1, torch.get_num_threads() // parallel)
+    spawn = multiprocessing.get_context("spawn")  # a forked process cannot use CUDA
+    summaries, failures = {}, {}
+    with ProcessPoolExecutor(parallel, mp_context=spawn, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = {}
+        for name, key, config, resume in to_train:
+            log(f"{start_line(name, preset, config, resume)} (in parallel)")
+            futures[pool.submit(train, config, resume=resume, progress=False)] = name, key
+        for future in as_completed(futures):
+            name, key = futures[future]
+            try:
+                summaries[key] = future.result()
+            except Exception as error:  # the other runs go on; all failures are raised below
+                failures[name] = error
+                log(f"{name}: failed: {error}")
+            else:
+                log(f"{name}: {result_line(summaries[key])}")
+    if failures:
+        listed = "; ".join(f"{name}: {failures[name]}" for name, *_ in to_train if name in failures)
+        raise RuntimeError(f"{len(failures)} of {len(to_train)} runs failed (finished runs are kept; run the same "
+                           f"command again to retry the others): {listed}")
+    return summaries
 
 
 def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
