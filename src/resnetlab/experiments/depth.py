@@ -52,6 +52,8 @@ def plot_depth(groups: dict[str, list[dict]], out: Path) -> str:
     ax.plot(paper_depths, [CIFAR_TEST_ERROR[d] for d in paper_depths], "k^:", label="paper test error (CIFAR-10)")
     ax.set_xscale("log")
     ax.set_xticks(depths, [str(d) for d in depths])
+    ax.minorticks_off()  # the log axis's own labels (3x10^1, ...) would overlap the depths
+    ax.set_ylim(bottom=0)  # the paper's errors sit below the measured ones: keep the legend clear of them
     label_axes(ax, "layers", "error (%)")
     return save_figure(figure, out, "depth.png",
                        "Final error against depth (mean over seeds; bars: std), beside the paper's CIFAR-10 test "
