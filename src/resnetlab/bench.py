@@ -38,7 +38,7 @@ from resnetlab.data.formats import ArrayDataset
 from resnetlab.export import fast_inference, fold_batchnorm, write_onnx
 from resnetlab.models import create_model, model_family
 from resnetlab.precision import Precision, cpu_has_bf16, memory_format, resolve_precision
-from resnetlab.recipes import RECIPES, TrainConfig
+from resnetlab.recipes import RECIPES, TrainConfig, check_positive_int
 from resnetlab.train import training_step
 
 SYNTHETIC_IMAGES = 2048
@@ -64,8 +64,7 @@ class PathResult:
 
 
 def check_settings(batch_size: int, seconds: float) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     if not seconds > 0:
         raise ValueError(f"--seconds must be > 0, got {seconds!r}")
 

@@ -23,7 +23,7 @@ import torch
 
 from resnetlab.checkpoint import checkpoint_path, load_model
 from resnetlab.files import write_json_atomically
-from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, resolve_config
+from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, check_positive_int, resolve_config
 from resnetlab.train import resume_config, train
 
 RESULTS_NAME = "results.json"
@@ -84,8 +84,7 @@ class Experiment:
 
 
 def check_preset(preset: Preset) -> None:
-    if isinstance(preset.seeds, bool) or not isinstance(preset.seeds, int) or preset.seeds < 1:
-        raise ValueError(f"--seeds must be a positive integer, got {preset.seeds!r}")
+    check_positive_int("seeds", preset.seeds)
     if not preset.depths or any(isinstance(d, bool) or not isinstance(d, int) for d in preset.depths):
         raise ValueError(f"--depths must be a comma-separated list of depths, got {preset.depths!r}")
 
@@ -98,12 +97,11 @@ def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: boo
     once, in as many worker processes: one small CIFAR net leaves most of a GPU idle (best under CUDA MPS), so
     several together finish sooner; on a small CPU they only share the cores. A run that fails does not stop the
     others; the failures are raised together at the end."""
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"--parallel must be a positive integer, got {parallel!r}")
+    check_positive_int("parallel", parallel)
     planned = [(arm, seed) for seed in range(preset.seeds) for arm in arms]
     summaries, to_train = {}, []
     for number, (arm, seed) in enumerate(planned, start=1):
-        out = runs_dir / f"{arm.label}-s{seed}"
+        out = run_dir(runs_dir, arm, seed)
         config = replace(preset.configure(arm, seed, out), cuda_graphs=cuda_graphs)
         summary_file = out / "summary.json"
         if summary_file.is_file():
@@ -123,7 +121,11 @@ def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: boo
             log(f"    {result_line(summaries[key])}")
     else:
         summaries.update(train_in_processes(to_train, preset, parallel, log))
-    return [run_entry(arm, seed, summaries[arm, seed], runs_dir / f"{arm.label}-s{seed}") for arm, seed in planned]
+    return [run_entry(arm, seed, summaries[arm, seed], run_dir(runs_dir, arm, seed)) for arm, seed in planned]
+
+
+def run_dir(runs_dir: Path, arm: Arm, seed: int) -> Path:
+    return runs_dir / f"{arm.label}-s{seed}"
 
 
 def start_line(name: str, preset: Preset, config: TrainConfig, resume: bool) -> str:
@@ -170,7 +172,7 @@ def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
     batches (the curves' kind), not the final eval-mode error on the training set."""
     found = []
     for arm, seed in [(arm, seed) for seed in range(preset.seeds) for arm in arms]:
-        out = runs_dir / f"{arm.label}-s{seed}"
+        out = run_dir(runs_dir, arm, seed)
         if not checkpoint_path(out).is_file() or not (out / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{out} has no checkpoint and metrics yet: start its run first (without --so-far)")
         model, state = load_model(out)
