@@ -14,7 +14,7 @@ dependencies = ["torch"]
 # A clone is not installed: its own sources come first, ahead of any installed resnetlab.
 sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
 
-from resnetlab.models import create_model as _create_model  # noqa: E402
+from resnetlab.factory import create_model as _create_model  # noqa: E402
 from resnetlab.models import list_models as _list_models  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 from resnetlab.recipes import RECIPES
 from resnetlab.train import training_step
 

@@ -16,11 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize, ten_crops
 from resnetlab.data.batches import padding_for
 from resnetlab.data.formats import ArrayDataset, load_dataset
 from resnetlab.evaluate import MODES, mode_probabilities, multiscale_sides, top_k_error, training_side
+from resnetlab.factory import load_model
 
 
 def center_equivalent_views(mode: str, side: int) -> float:

@@ -17,10 +17,10 @@ import importlib.util
 
 import torch
 
-from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.export import fast_inference
+from resnetlab.factory import load_model
 from resnetlab.quantize import int8_inference, run_calibration_batch
 
 

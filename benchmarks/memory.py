@@ -22,7 +22,7 @@ import sys
 import torch
 
 from resnetlab.bench import next_step
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 
 CONFIGS = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing")
 

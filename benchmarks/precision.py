@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab import models
+from resnetlab.factory import create_model
 from resnetlab.precision import autocast
 from resnetlab.recipes import resolve_config
 from resnetlab.train import train
@@ -70,7 +71,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 def rounding_errors(model_name: str, variant: str, batch_size: int = 32, seed: int = 0) -> tuple[float, float]:
     """Relative error of the logits and of the weight gradients against fp64, for one batch of random images."""
     torch.manual_seed(seed)
-    model = models.create_model(model_name).train()
+    model = create_model(model_name).train()
     x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     logits64, grads64 = step_outputs(model.double(), x.double(), y, "fp32")
     with variant_patch(variant):

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 from resnetlab.precision import pick_device
 from resnetlab.train import training_step
 

@@ -28,7 +28,7 @@ from run_helpers import assert_same_tensors
 
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnetlab.data.formats import FolderDataset, load_dataset, read_idx
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 from resnetlab.recipes import RECIPE_KEYS, RUN_KEYS, TrainConfig, resolve_config, validate
 
 # No per-case deadline: a case that once took 4.8 s on a quiet machine (the first call after start-up) failed the

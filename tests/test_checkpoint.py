@@ -22,10 +22,9 @@ from resnetlab.checkpoint import (
     checkpoint_path,
     export_safetensors,
     load_checkpoint,
-    load_model,
     save_checkpoint,
 )
-from resnetlab.models import create_model
+from resnetlab.factory import create_model, load_model
 
 KWARGS = {"num_classes": 3, "in_channels": 1}
 

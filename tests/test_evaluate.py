@@ -16,7 +16,7 @@ from PIL import Image
 from run_helpers import tiny_config, write_png_folder
 
 import resnetlab.evaluate as evaluation
-from resnetlab.checkpoint import load_checkpoint, load_model, save_checkpoint
+from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.data.augment import FolderTenCrops, Normalize
 from resnetlab.data.formats import load_dataset
@@ -32,6 +32,7 @@ from resnetlab.evaluate import (
     top_k_error,
     training_side,
 )
+from resnetlab.factory import load_model
 from resnetlab.train import train
 
 CPU = torch.device("cpu")

@@ -17,7 +17,7 @@ from resnetlab.cli import main
 from resnetlab.experiments import EXPERIMENTS, reproduce
 from resnetlab.experiments.degradation import effect_verdict
 from resnetlab.experiments.responses import response_stds
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_TEST_ERROR, IMAGENET_GFLOPS, SHORTCUT_TOP1_ERROR
 
 ITERATIONS = 6

@@ -9,7 +9,7 @@ from torch import nn
 from resnetlab.checkpoint import save_checkpoint
 from resnetlab.cli import main
 from resnetlab.export import fast_inference, fold_batchnorm
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 from resnetlab.precision import cpu_has_bf16
 
 

@@ -31,7 +31,7 @@ import resnetlab.train as training
 from resnetlab import evaluate
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
-from resnetlab.models import create_model
+from resnetlab.factory import create_model
 from resnetlab.train import train
 
 ITERATIONS, CHECKPOINT_EVERY = 40, 10

@@ -38,7 +38,8 @@ from torch import nn
 
 from resnetlab.checkpoint import CheckpointError, load_weights
 from resnetlab.cli import main as cli_main
-from resnetlab.models import create_model, list_models
+from resnetlab.factory import create_model
+from resnetlab.models import list_models
 from resnetlab.train import prepare, resume_config, train
 
 REPO = Path(__file__).resolve().parents[1]

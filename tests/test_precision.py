@@ -10,7 +10,8 @@ from torch import nn
 
 from resnetlab import models
 from resnetlab.cli import build_parser
-from resnetlab.models import BasicBlock, Bottleneck, create_model
+from resnetlab.factory import create_model
+from resnetlab.models import BasicBlock, Bottleneck
 from resnetlab.precision import PRECISIONS, bf16_is_faster, resolve_precision
 
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 from run_helpers import tiny_config
 
-from resnetlab.checkpoint import load_checkpoint, load_model, save_checkpoint
+from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import evaluate_checkpoints, predict
+from resnetlab.factory import load_model
 from resnetlab.precision import resolve_precision
 from resnetlab.quantize import CALIBRATION_IMAGES, OnnxRuntimeNetwork, calibration_batch, quantized_onnx
 from resnetlab.train import train

@@ -28,11 +28,12 @@ from safetensors.torch import load_file
 
 import resnetlab.models as models
 import resnetlab.train as training
-from resnetlab.checkpoint import CheckpointError, load_checkpoint, load_model
+from resnetlab.checkpoint import CheckpointError, load_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import class_probabilities, top_k_error
+from resnetlab.factory import load_model
 from resnetlab.recipes import Recipe, TrainConfig, resolve_config
 from resnetlab.train import NonFiniteLossError, train
 

@@ -36,7 +36,8 @@ from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches
 from resnetlab.data.formats import ArrayDataset
 from resnetlab.export import fast_inference, fold_batchnorm, write_onnx
-from resnetlab.models import create_model, model_family
+from resnetlab.factory import create_model
+from resnetlab.models import model_family
 from resnetlab.precision import Precision, cpu_has_bf16, memory_format, resolve_precision
 from resnetlab.recipes import RECIPES, TrainConfig, check_positive_int
 from resnetlab.train import training_step

@@ -79,16 +79,6 @@ def first_line(error: Exception) -> str:
     return next(iter(str(error).splitlines()), type(error).__name__)  # some errors (EOFError) have no message
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The model a checkpoint was trained as, with its weights, in eval mode; and the checkpoint itself."""
-    from resnetlab.models import create_model
-
-    state = load_checkpoint(path, map_location)
-    model = create_model(state["model_name"], **state["model_kwargs"])
-    restore_weights(model, state, checkpoint_path(path))
-    return model.eval(), state
-
-
 def restore_weights(model: nn.Module, state: dict, path: Path, model_name: str | None = None) -> None:
     """Load the checkpoint's weights into `model`, saying which models differ instead of listing keys."""
     if model_name is not None and state["model_name"] != model_name:

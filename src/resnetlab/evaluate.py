@@ -37,10 +37,11 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from resnetlab.checkpoint import checkpoint_path, load_model
+from resnetlab.checkpoint import checkpoint_path
 from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
 from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, DatasetSpec, FolderDataset, load_dataset
 from resnetlab.export import fast_inference
+from resnetlab.factory import load_model
 from resnetlab.precision import Precision, autocast, inference_device, resolve_precision
 from resnetlab.quantize import int8_inference, run_calibration_batch
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from resnetlab.checkpoint import load_model
 from resnetlab.complexity import native_input_size
+from resnetlab.factory import load_model
 from resnetlab.files import write_atomically
 from resnetlab.models import model_family
 from resnetlab.precision import EXPORT_PRECISIONS, resolve_precision

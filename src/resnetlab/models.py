@@ -17,15 +17,14 @@ training step for memory (each stage's blocks are recomputed in backward instead
 ``model.fp32_residual_stream = False`` adds each block's branch and shortcut in bf16 under bf16 autocast, as plain
 autocast does (`add_shortcut`; the benchmarks measure what the fp32 default costs and buys).
 
-Fine-tuning: ``create_model(name, weights=PATH)`` starts from a resnetlab run or a torchvision/timm file
-(checkpoint.load_weights), and ``model.freeze_backbone()`` leaves only the classifier to train.
+Fine-tuning: ``model.freeze_backbone()`` leaves only the classifier to train. This module reads and writes no
+files: a model built from a name with weights (``create_model(name, weights=PATH)``) comes from `factory`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from resnetlab.checkpoint import Weights, load_weights
 
 SHORTCUTS = ("A", "B", "C")
 STEMS = ("imagenet", "cifar")
@@ -375,18 +372,6 @@ resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (MODELS[f"resnet
 def list_models() -> list[str]:
     """Every named model: ImageNet nets first, then CIFAR nets, residual before plain."""
     return list(MODELS)
-
-
-def create_model(name: str, weights: str | os.PathLike | Weights | None = None, **kwargs) -> ResNet:
-    """Build a named model, e.g. create_model("resnet56", shortcut="B"); "cifar_resnet"/"cifar_plain" take depth=.
-
-    `weights`: start from a resnetlab run directory, its checkpoint.pt or model.safetensors, or a torchvision-format
-    state_dict (.pth). A file for another number of classes loads all but `fc`, which stays freshly initialised;
-    see checkpoint.load_weights for the rules."""
-    model = build_model(name, **kwargs)
-    if weights is not None:
-        load_weights(model, weights, name)
-    return model
 
 
 def build_model(name: str, **kwargs) -> ResNet:

@@ -35,8 +35,9 @@ from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import DataSplits, load_dataset
 from resnetlab.errors import ResnetlabError
 from resnetlab.evaluate import class_probabilities, top_k_error
+from resnetlab.factory import create_model
 from resnetlab.files import write_json_atomically
-from resnetlab.models import MODELS, create_model
+from resnetlab.models import MODELS
 from resnetlab.precision import Precision, autocast, memory_format, pick_device, resolve_precision
 from resnetlab.progress import Progress
 from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, flag, validate

@@ -22,7 +22,7 @@ from resnetlab.detection.model import (  # noqa: E402
     split_resnet,
     split_vgg16,
 )
-from resnetlab.models import create_model  # noqa: E402
+from resnetlab.factory import create_model  # noqa: E402
 
 SMALL = dict(min_size=96, max_size=128, anchor_sizes=(16, 32, 64), aspect_ratios=(0.5, 1.0, 2.0), roi_pool_size=6,
              rpn_pre_nms_train=300, rpn_post_nms_train=100, rpn_pre_nms_test=300, rpn_post_nms_test=50,

@@ -112,7 +112,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(three_image
 
 @needs_extra
 def test_errors_name_the_problem_before_any_training(tmp_path, capsys):
-    from resnetlab.models import create_model
+    from resnetlab.factory import create_model
 
     classifier = create_model("resnet20", in_channels=1)
     save_checkpoint({"model_name": "resnet20", "model_kwargs": {"num_classes": 10, "in_channels": 1},

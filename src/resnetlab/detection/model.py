@@ -28,8 +28,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, RoIPool
 
-from resnetlab.checkpoint import CheckpointError, checkpoint_path, first_line, load_model
-from resnetlab.models import MODELS, ResNet, create_model
+from resnetlab.checkpoint import CheckpointError, checkpoint_path, first_line
+from resnetlab.factory import create_model, load_model
+from resnetlab.models import MODELS, ResNet
 
 VGG16 = "vgg16"
 VGG16_ROI_POOL_SIZE = 7  # fc6 takes 7x7x512, as in Fast/Faster R-CNN

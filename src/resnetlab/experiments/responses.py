@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from resnetlab.checkpoint import load_model
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.experiments.runner import Arm, Experiment, Preset
+from resnetlab.factory import load_model
 from resnetlab.models import BasicBlock
 from resnetlab.report import group_by_label, label_axes, markdown_table, new_figure, save_figure
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from resnetlab.checkpoint import checkpoint_path, load_model
+from resnetlab.checkpoint import checkpoint_path
+from resnetlab.factory import load_model
 from resnetlab.files import write_json_atomically
 from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, check_positive_int, resolve_config
 from resnetlab.train import resume_config, train

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from resnetlab.complexity import complexity, native_input_size
 from resnetlab.experiments.runner import Arm, Experiment, Preset
-from resnetlab.models import IMAGENET_LAYERS, create_model
+from resnetlab.factory import create_model
+from resnetlab.models import IMAGENET_LAYERS
 from resnetlab.paper import IMAGENET_GFLOPS
 from resnetlab.report import label_axes, markdown_table, new_figure, save_figure
 
