@@ -16,9 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from resnetlab.data import ArrayDataset, load_dataset
 from resnetlab.data.augment import Normalize, ten_crops
 from resnetlab.data.batches import padding_for
-from resnetlab.data.formats import ArrayDataset, load_dataset
 from resnetlab.evaluate import MODES, mode_probabilities, multiscale_sides, top_k_error, training_side
 from resnetlab.factory import load_model
 

@@ -17,8 +17,8 @@ import importlib.util
 
 import torch
 
+from resnetlab.data import load_dataset
 from resnetlab.data.augment import Normalize
-from resnetlab.data.formats import load_dataset
 from resnetlab.export import fast_inference
 from resnetlab.factory import load_model
 from resnetlab.quantize import int8_inference, run_calibration_batch

@@ -27,7 +27,7 @@ from PIL import Image
 from run_helpers import assert_same_tensors
 
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from resnetlab.data.formats import FolderDataset, load_dataset, read_idx
+from resnetlab.data import FolderDataset, load_dataset, read_idx
 from resnetlab.factory import create_model
 from resnetlab.recipes import RECIPE_KEYS, RUN_KEYS, TrainConfig, resolve_config, validate
 

@@ -17,7 +17,7 @@ import torch
 
 from resnetlab.checkpoint import load_checkpoint
 from resnetlab.cli import main
-from resnetlab.data.formats import load_dataset
+from resnetlab.data import load_dataset
 
 CIFAR10_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 needs_cifar10 = pytest.mark.skipif(not (CIFAR10_DIR / "make_batches.py").is_file(),

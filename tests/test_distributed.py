@@ -28,8 +28,8 @@ from run_helpers import cli_args, model_weights, read_metrics, tiny_config
 import resnetlab.train as training
 from resnetlab import distributed
 from resnetlab.checkpoint import load_checkpoint
+from resnetlab.data import load_dataset
 from resnetlab.data.batches import array_batches
-from resnetlab.data.formats import load_dataset
 from resnetlab.train import resume_config, train
 
 THIS_FILE = Path(__file__).resolve()
@@ -153,8 +153,9 @@ def test_rank_0_alone_writes_the_checkpoint_once_the_metrics_and_the_tensorboard
 def test_the_shares_of_a_global_batch_are_the_one_process_batch_augmented_alike():
     train_set = load_dataset("digits").train
     settings = dict(batch_size=32, seed=3, start=40, stop=50, padding=1, flip=True)  # crosses an epoch's end
-    whole = list(array_batches(train_set, **settings))
-    shares = [list(array_batches(train_set, **settings, rank=rank, world_size=4)) for rank in range(4)]
+    whole = list(array_batches(train_set.images, train_set.labels, **settings))
+    shares = [list(array_batches(train_set.images, train_set.labels, **settings, rank=rank, world_size=4))
+              for rank in range(4)]
     for iteration, (images, labels) in enumerate(whole):
         for rank in range(4):
             share_images, share_labels = shares[rank][iteration]

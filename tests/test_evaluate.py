@@ -18,8 +18,8 @@ from run_helpers import tiny_config, write_png_folder
 import resnetlab.evaluate as evaluation
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
+from resnetlab.data import load_dataset
 from resnetlab.data.augment import FolderTenCrops, Normalize
-from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import (
     check_multiscale_fits,
     class_probabilities,

@@ -1,4 +1,4 @@
-"""resnetlab.data.formats: every dataset format read back from files written here in the real layouts, and the
+"""resnetlab.data: every dataset format read back from files written here in the real layouts, and the
 downloader against a local HTTP server."""
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 
 from resnetlab.data import (
+    ARCHIVES,
+    MIRRORS,
     ArrayDataset,
     DatasetSpec,
     FolderDataset,
     download,
-    formats,
+    downloads,
     load_dataset,
     stratified_split,
 )
@@ -419,7 +421,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setattr(formats, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(downloads, "RETRY_BACKOFF_S", 0.0)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     httpd.state = SimpleNamespace(files={}, log=[], drop_once=set(), ignore_range=False,
                                   url=f"http://127.0.0.1:{httpd.server_address[1]}/")
@@ -499,8 +501,8 @@ def test_load_mnist_with_download_end_to_end(server, tmp_path, monkeypatch):
     for path in (tmp_path / "made").iterdir():
         server.files[path.name] = path.read_bytes()
         md5s[path.name] = md5_of(path.read_bytes())
-    monkeypatch.setitem(formats.MIRRORS, "mnist", [server.url + "missing/", server.url])  # first mirror: 404
-    monkeypatch.setitem(formats.ARCHIVES, "mnist", md5s)
+    monkeypatch.setitem(MIRRORS, "mnist", [server.url + "missing/", server.url])  # first mirror: 404
+    monkeypatch.setitem(ARCHIVES, "mnist", md5s)
     data_dir = tmp_path / "mnist"
     splits = load_dataset(f"mnist:{data_dir}", download=True)
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(md5s)
@@ -526,8 +528,8 @@ def test_load_cifar10_with_download_extracts_into_cache(server, tmp_path, monkey
     archive = _tar_gz({f"cifar-10-batches-py/{p.name}": p.read_bytes()
                        for p in (tmp_path / "made" / "cifar-10-batches-py").iterdir()})
     server.files["cifar-10-python.tar.gz"] = archive
-    monkeypatch.setitem(formats.MIRRORS, "cifar10", [server.url])
-    monkeypatch.setitem(formats.ARCHIVES, "cifar10", {"cifar-10-python.tar.gz": md5_of(archive)})
+    monkeypatch.setitem(MIRRORS, "cifar10", [server.url])
+    monkeypatch.setitem(ARCHIVES, "cifar10", {"cifar-10-python.tar.gz": md5_of(archive)})
     splits = load_dataset("cifar10", download=True, cache_dir=tmp_path / "cache")
     assert str(tmp_path / "cache" / "cifar10" / "cifar-10-batches-py") in splits.note
     assert splits.test.labels.tolist() == batches["test_batch"][1]
@@ -538,8 +540,8 @@ def test_load_cifar10_with_download_extracts_into_cache(server, tmp_path, monkey
 def test_archive_with_path_traversal_is_refused(server, tmp_path, monkeypatch):
     archive = _tar_gz({"cifar-10-batches-py/test_batch": b"x", "../escaped": b"x"})
     server.files["cifar-10-python.tar.gz"] = archive
-    monkeypatch.setitem(formats.MIRRORS, "cifar10", [server.url])
-    monkeypatch.setitem(formats.ARCHIVES, "cifar10", {"cifar-10-python.tar.gz": md5_of(archive)})
+    monkeypatch.setitem(MIRRORS, "cifar10", [server.url])
+    monkeypatch.setitem(ARCHIVES, "cifar10", {"cifar-10-python.tar.gz": md5_of(archive)})
     with pytest.raises(ValueError, match=r"refusing member '\.\./escaped'"):
         load_dataset(f"cifar10:{tmp_path / 'data'}", download=True)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "data" / "cifar-10-batches-py").exists()

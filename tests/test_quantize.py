@@ -17,8 +17,8 @@ from run_helpers import tiny_config
 
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
+from resnetlab.data import load_dataset
 from resnetlab.data.augment import Normalize
-from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import evaluate_checkpoints, predict
 from resnetlab.factory import load_model
 from resnetlab.precision import resolve_precision

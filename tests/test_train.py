@@ -30,8 +30,8 @@ import resnetlab.models as models
 import resnetlab.train as training
 from resnetlab.checkpoint import CheckpointError, load_checkpoint
 from resnetlab.cli import main as cli_main
+from resnetlab.data import load_dataset
 from resnetlab.data.augment import Normalize
-from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.factory import load_model
 from resnetlab.recipes import Recipe, TrainConfig, resolve_config

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from resnetlab.complexity import complexity, native_input_size
 from resnetlab.data.augment import Normalize
 from resnetlab.data.batches import array_batches
-from resnetlab.data.formats import ArrayDataset
+from resnetlab.data.datasets import ArrayDataset
 from resnetlab.export import fast_inference, fold_batchnorm, write_onnx
 from resnetlab.factory import create_model
 from resnetlab.models import model_family
@@ -167,7 +167,7 @@ def train_paths(model_name: str, batch_size: int, *, plain_bf16: bool = False) -
                                                  num_workers=2, drop_last=True, persistent_workers=True)
             batches, normalize = endless(loader), None
         else:
-            batches = array_batches(data, batch_size=batch_size, seed=0, start=0, stop=2**62,
+            batches = array_batches(data.images, data.labels, batch_size=batch_size, seed=0, start=0, stop=2**62,
                                     padding=recipe.padding, flip=True)
             normalize = Normalize.fit(data.images)
         return lambda: next_step(model, optimizer, batches, precision=precision, layout=layout,

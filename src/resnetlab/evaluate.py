@@ -39,7 +39,8 @@ from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path
 from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
-from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, DatasetSpec, FolderDataset, load_dataset
+from resnetlab.data.datasets import PILLOW_DECODE_ERRORS, ImageDataset
+from resnetlab.data.spec import DatasetSpec, load_dataset
 from resnetlab.export import fast_inference
 from resnetlab.factory import load_model
 from resnetlab.precision import Precision, autocast, inference_device, resolve_precision
@@ -55,7 +56,7 @@ TEN_CROP_VIEWS = 10
 
 
 @torch.no_grad()
-def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize, *,
+def class_probabilities(model: nn.Module, data: ImageDataset, normalize: Normalize, *,
                         device: torch.device, batch_size: int = 500, precision: Precision = "fp32",
                         memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
                         limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +77,7 @@ def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, no
 
 
 @torch.no_grad()
-def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize,
+def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normalize,
                        mode: str = "center", *, device: torch.device, padding: int = 4, batch_size: int = 500,
                        precision: Precision = "fp32", workers: int = 0,
                        limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +167,7 @@ def load_models(checkpoints: Sequence[str | Path], device: torch.device) -> list
     return [(model.to(device), state) for model, state in models]
 
 
-def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: ArrayDataset | FolderDataset,
+def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: ImageDataset,
                            mode: str = "center", *, device: torch.device, batch_size: int = 500,
                            precision: Precision = "fp32", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores of `data` averaged over the (model, checkpoint) pairs of `load_models` (one: its own

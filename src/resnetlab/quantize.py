@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from resnetlab.data.augment import Normalize
-from resnetlab.data.formats import ArrayDataset, FolderDataset, load_dataset
+from resnetlab.data.datasets import ImageDataset
+from resnetlab.data.spec import load_dataset
 from resnetlab.export import fold_batchnorm, write_onnx
 
 # Enough images for stable activation ranges (ONNX Runtime's MinMax calibration); more only costs time.
@@ -35,7 +36,7 @@ CALIBRATION_IMAGES = 256
 INSTALL_HINT = "--precision int8 needs ONNX Runtime: pip install -e '.[int8]'"
 
 
-def calibration_batch(data: ArrayDataset | FolderDataset, normalize: Normalize,
+def calibration_batch(data: ImageDataset, normalize: Normalize,
                       count: int = CALIBRATION_IMAGES) -> torch.Tensor:
     """`count` images evenly spaced through `data`, in their validation view, normalized: float (N, C, H, W)."""
     if len(data) == 0:

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from resnetlab.data.formats import SPEC_FORMS, DatasetSpec
+from resnetlab.data.spec import SPEC_FORMS, DatasetSpec
 from resnetlab.models import MODELS, SHORTCUTS
 from resnetlab.precision import Precision, check_precision
 

@@ -32,7 +32,8 @@ from resnetlab.checkpoint import (
     save_checkpoint,
 )
 from resnetlab.data.augment import Normalize
-from resnetlab.data.formats import DataSplits, load_dataset
+from resnetlab.data.datasets import DataSplits
+from resnetlab.data.spec import load_dataset
 from resnetlab.errors import ResnetlabError
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.factory import create_model

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
 from resnetlab.data.augment import CenterCrop, ScaleAugment, random_crop_flip
-
-if TYPE_CHECKING:  # the datasets call these functions: formats imports this module
-    from resnetlab.data.formats import ArrayDataset, FolderDataset
 
 # Seeds of the permutation and augmentation streams are derived from the run seed with these offsets, so they
 # never coincide with each other or with the seed of the weight initialisation.
@@ -55,18 +51,20 @@ def padding_for(image_size: int, padding_at_32: int) -> int:
     return max(1, round(padding_at_32 * image_size / 32)) if padding_at_32 else 0
 
 
-def array_batches(data: ArrayDataset, *, batch_size: int, seed: int, start: int, stop: int, padding: int,
-                  flip: bool, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches of an in-memory dataset, padded, cropped and flipped as whole-batch tensor ops.
+def array_batches(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int, start: int, stop: int,
+                  padding: int, flip: bool, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches of an in-memory dataset (`images` (N, C, H, W), `labels` (N,)), padded, cropped and flipped
+    as whole-batch tensor ops.
 
     The crops and flips are drawn for the whole global batch and each process keeps its share, so an image is
     augmented alike whatever the number of processes (augmenting small images costs next to nothing)."""
-    stream = IndexStream(len(data), batch_size, seed)
+    stream = IndexStream(len(labels), batch_size, seed)
     for iteration in range(start, stop):
         index = stream.batch(iteration)
         generator = torch.Generator().manual_seed(seed * _AUGMENT_STREAM + iteration)
-        images = random_crop_flip(data.images[index], padding=padding, flip=flip, generator=generator)
-        yield images[rank::world_size], data.labels[index[rank::world_size]]
+        augmented = random_crop_flip(images[index], padding=padding, flip=flip, generator=generator)
+        yield augmented[rank::world_size], labels[index[rank::world_size]]
 
 
 class _IterationSampler(torch.utils.data.Sampler):
@@ -81,11 +79,12 @@ class _IterationSampler(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: int, stop: int, flip: bool,
+def folder_batches(data: torch.utils.data.Dataset, *, batch_size: int, seed: int, start: int, stop: int, flip: bool,
                    workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 224x224 batches of an image folder: scale augmentation decoded with Pillow in DataLoader workers.
-    The batch indices follow (seed, iteration) exactly; the random scales and crops are seeded per worker and
-    per process (the same seed in every process would give their workers the same draws)."""
+    """uint8 224x224 batches of an image folder (a dataset with a `transform`, as FolderDataset): scale
+    augmentation decoded with Pillow in DataLoader workers. The batch indices follow (seed, iteration) exactly; the
+    random scales and crops are seeded per worker and per process (the same seed in every process would give their
+    workers the same draws)."""
     augmented = copy.copy(data)
     augmented.transform = ScaleAugment(flip=flip, seed=seed + rank * _RANK_STREAM)
     sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
@@ -98,16 +97,16 @@ def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: in
 VALIDATION_VIEW = CenterCrop()  # of a folder image: shorter side resized to 256, the central 224x224
 
 
-def array_evaluation_batches(data: ArrayDataset, batch_size: int, limit: int | None = None
+def array_evaluation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, limit: int | None = None
                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 batches in order, without augmentation."""
-    count = len(data) if limit is None else min(limit, len(data))
+    count = len(labels) if limit is None else min(limit, len(labels))
     for first in range(0, count, batch_size):
-        yield data.images[first:first + batch_size], data.labels[first:first + batch_size]
+        yield images[first:first + batch_size], labels[first:first + batch_size]
 
 
-def folder_evaluation_batches(data: FolderDataset, batch_size: int, workers: int = 0, limit: int | None = None, *,
-                              transform: Callable | None = VALIDATION_VIEW
+def folder_evaluation_batches(data: torch.utils.data.Dataset, batch_size: int, workers: int = 0,
+                              limit: int | None = None, *, transform: Callable | None = VALIDATION_VIEW
                               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 batches in order, each image through `transform` (by default resize 256 and center 224 crop; None
     keeps each image whole, which needs batch_size 1 as sizes differ)."""

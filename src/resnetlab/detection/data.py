@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from resnetlab.data.batches import IndexStream
-from resnetlab.data.formats import PILLOW_DECODE_ERRORS
+from resnetlab.data.datasets import PILLOW_DECODE_ERRORS
 
 DETECTION_KINDS = ("coco", "voc")
 DETECTION_SPEC_FORMS = "coco:PATH (annotations/instances_<split>.json + <split>/), voc:PATH (VOCdevkit/VOC2007)"

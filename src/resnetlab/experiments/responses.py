@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from resnetlab.data.augment import Normalize
-from resnetlab.data.formats import load_dataset
+from resnetlab.data.spec import load_dataset
 from resnetlab.experiments.runner import Arm, Experiment, Preset
 from resnetlab.factory import load_model
 from resnetlab.models import BasicBlock
