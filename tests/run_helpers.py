@@ -99,21 +99,22 @@ class Interrupt(Exception):
 def train_until(config: TrainConfig, iteration: int) -> None:
     """Train `config` in this process and stop it (Interrupt) as it is about to run `iteration` (0-based)."""
     from resnetlab import train as training
+    from resnetlab.schedule import LrSchedule
 
-    lr = training.LrSchedule.lr
+    lr = LrSchedule.lr
 
     def lr_or_stop(schedule, at: int) -> float:
         if at == iteration:
             raise Interrupt
         return lr(schedule, at)
 
-    training.LrSchedule.lr = lr_or_stop
+    LrSchedule.lr = lr_or_stop
     try:
         training.train(config, progress=False)
     except Interrupt:
         return
     finally:
-        training.LrSchedule.lr = lr
+        LrSchedule.lr = lr
     raise AssertionError(f"the run ended before iteration {iteration}")
 
 
@@ -154,7 +155,7 @@ def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.
 def slow_down_iterations(seconds: float) -> None:
     """Sleep at the start of every iteration (the loop asks the schedule for its lr once per iteration), so a
     test can catch the run between two chosen iterations."""
-    from resnetlab.train import LrSchedule
+    from resnetlab.schedule import LrSchedule
 
     lr = LrSchedule.lr
 

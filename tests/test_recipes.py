@@ -18,7 +18,8 @@ from resnetlab import recipes
 from resnetlab.cli import add_train_arguments
 from resnetlab.cli import main as cli_main
 from resnetlab.recipes import RECIPE_KEYS, RECIPES, RUN_KEYS, TrainConfig, flag, resolve_config
-from resnetlab.train import LrSchedule, prepare
+from resnetlab.schedule import LrSchedule
+from resnetlab.train import prepare
 
 
 def test_cifar_preset_is_the_papers_section_4_2():

@@ -35,7 +35,8 @@ from resnetlab.data.augment import Normalize
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.factory import load_model
 from resnetlab.recipes import Recipe, TrainConfig, resolve_config
-from resnetlab.train import NonFiniteLossError, train
+from resnetlab.runlog import NonFiniteLossError
+from resnetlab.train import train
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def cmd_detect_evaluate(args: argparse.Namespace) -> int:
     from resnetlab.detection import require_detection_extra
 
     require_detection_extra()
-    from resnetlab.detection.train import evaluate_detector
+    from resnetlab.detection.inference import evaluate_detector
 
     result = evaluate_detector(args.checkpoint, args.data, args.split, device=args.device)
     summary = result.pop("summary", None)
@@ -176,7 +176,7 @@ def cmd_detect_predict(args: argparse.Namespace) -> int:
     from resnetlab.detection import require_detection_extra
 
     require_detection_extra()
-    from resnetlab.detection.train import predict_detections
+    from resnetlab.detection.inference import predict_detections
 
     results = predict_detections(args.checkpoint, args.images, score_threshold=args.score_threshold,
                                  out_dir=args.out, device=args.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +33,6 @@ from resnetlab.checkpoint import (
 from resnetlab.data.augment import Normalize
 from resnetlab.data.datasets import DataSplits
 from resnetlab.data.spec import load_dataset
-from resnetlab.errors import ResnetlabError
 from resnetlab.evaluate import class_probabilities, top_k_error
 from resnetlab.factory import create_model
 from resnetlab.files import write_json_atomically
@@ -42,49 +40,8 @@ from resnetlab.models import MODELS
 from resnetlab.precision import Precision, autocast, memory_format, pick_device, resolve_precision
 from resnetlab.progress import Progress
 from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, flag, validate
-
-
-class NonFiniteLossError(ResnetlabError):
-    """The loss or the weights became NaN or inf; the last checkpoint on disk is the last good state."""
-
-
-class LrSchedule:
-    """The learning rate of each iteration: milestones (CIFAR), plateaus (ImageNet), and the warm-up of deep nets."""
-
-    def __init__(self, recipe: Recipe, warm_up: bool):
-        self.recipe = recipe
-        self.warming_up = warm_up
-        self.train_error_ema = 1.0  # smooths the per-batch error the warm-up watches
-        self.plateau_drops, self.best_error, self.evaluations_since_best = 0, math.inf, 0
-
-    def lr(self, iteration: int) -> float:
-        if self.warming_up:
-            return self.recipe.warmup_lr
-        drops = sum(iteration >= m for m in self.recipe.lr_milestones) + self.plateau_drops
-        return self.recipe.lr * self.recipe.lr_decay ** drops
-
-    def observe_batch_error(self, error: float) -> None:
-        self.train_error_ema = 0.9 * self.train_error_ema + 0.1 * error
-        if self.warming_up and self.train_error_ema < self.recipe.warmup_until_error:
-            self.warming_up = False
-
-    def observe_validation_error(self, error: float) -> None:
-        if not self.recipe.plateau_patience:
-            return
-        if error < self.best_error:
-            self.best_error, self.evaluations_since_best = error, 0
-            return
-        self.evaluations_since_best += 1
-        if self.evaluations_since_best >= self.recipe.plateau_patience:
-            self.plateau_drops, self.evaluations_since_best = self.plateau_drops + 1, 0
-
-    def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("warming_up", "train_error_ema", "plateau_drops", "best_error",
-                                              "evaluations_since_best")}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+from resnetlab.runlog import MetricsLog, NonFiniteLossError, check_finite_weights, ensure_writable, last_good_state
+from resnetlab.schedule import LrSchedule
 
 
 @dataclass
@@ -302,80 +259,6 @@ def finish(run: Run, wall_seconds: float) -> dict:
     export_safetensors(run.network, out / "model.safetensors",
                        metadata={"model": config.model, "model_kwargs": json.dumps(run.model_kwargs)})
     return summary
-
-
-def check_finite_weights(network: torch.nn.Module, iteration: int, out: Path) -> None:
-    """A step can overflow the weights before any loss shows it: such a state must never become a checkpoint."""
-    broken = [name for name, tensor in network.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if broken:
-        raise NonFiniteLossError(f"the weights became NaN or inf at iteration {iteration} ({broken[0]} and "
-                                 f"{len(broken) - 1} more tensors); stopped. {last_good_state(out)}")
-
-
-def last_good_state(out: Path) -> str:
-    path = checkpoint_path(out)
-    return f"{path} holds the last good state" if path.is_file() else "no checkpoint had been written yet"
-
-
-def ensure_writable(out: Path) -> None:
-    """Fail before any training if the run cannot write its results."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"--out {out} is not writable: {error.strerror or error}") from None
-
-
-class MetricsLog:
-    """Each metrics record as a line of OUT/metrics.jsonl and, with `tensorboard`, as TensorBoard scalars under
-    OUT/tb (tagged with the record's keys, at step `iteration`)."""
-
-    def __init__(self, out: Path, start: int, *, tensorboard: bool):
-        self.path = out / "metrics.jsonl"
-        # A resumed run repeats the iterations after its checkpoint, and a fresh run into an old directory starts
-        # anew: both logs forget what was logged after `start`.
-        self.tensorboard = tensorboard_writer(out / "tb", purge_step=start + 1) if tensorboard else None
-        forget_metrics_after(self.path, start)
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.tensorboard:
-            for key, value in record.items():
-                if key != "iteration":
-                    self.tensorboard.add_scalar(key, value, record["iteration"])
-            self.tensorboard.flush()  # as current on disk as metrics.jsonl, should the run stop
-
-    def close(self) -> None:
-        if self.tensorboard:
-            self.tensorboard.close()
-
-
-def tensorboard_writer(directory: Path, purge_step: int):
-    """torch's SummaryWriter, imported only here: tensorboard is an optional dependency."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ResnetlabError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
-                             "pip install 'resnetlab[tensorboard]')") from None
-    return SummaryWriter(str(directory), purge_step=purge_step)
-
-
-def forget_metrics_after(path: Path, iteration: int) -> None:
-    """A resumed run repeats the iterations after its checkpoint: drop the lines the interrupted run logged."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if logged_at_most(line, iteration)]
-        path.write_text("".join(kept))
-
-
-def logged_at_most(line: str, iteration: int) -> bool:
-    try:  # a line cut short by the kill is dropped too
-        return line.endswith("\n") and json.loads(line)["iteration"] <= iteration
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return False
 
 
 def resume_config(out: str | Path, changes: dict | None = None) -> TrainConfig:

@@ -142,7 +142,7 @@ def test_the_ground_truth_as_detections_scores_one_in_both_evaluations():
     """The conversions from the detector's outputs (xyxy boxes, labels 1..K) to COCO's results format and to
     VOC's pixel frame: fed the annotations themselves, both evaluations give a perfect score."""
     from resnetlab.detection.data import load_detection_data
-    from resnetlab.detection.train import score_detections
+    from resnetlab.detection.inference import score_detections
 
     data = load_detection_data(f"coco:{COCO128_DIR}", None, "train2017")
     outputs = [{"boxes": record.boxes[~record.ignored], "labels": record.labels[~record.ignored],

@@ -1,8 +1,8 @@
 """Object detection: Faster R-CNN on the paper's backbones (He et al. 2015, Sec. 4.3 and Appendix A).
 
 An optional part of resnetlab: it needs torchvision and pycocotools (``pip install -e '.[detection]'``), which
-the classification install does without. Importing this package needs neither; its modules `model` and `train`
-need torchvision, and the COCO evaluation needs pycocotools.
+the classification install does without. Importing this package needs neither; its modules `model`, `train` and
+`inference` need torchvision, and the COCO evaluation needs pycocotools.
 """
 
 from __future__ import annotations
