@@ -5,11 +5,23 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so `t
 it: `format`, `model_name`, `model_kwargs` (what create_model needs), `classes`, `normalize` (the fitted mean),
 `model` (the state_dict), `optimizer`, `schedule`, `iteration`, `rng`, `config` (the resolved TrainConfig), `init`
 (where the starting weights came from, or None).
+
+Which loader serves what (every file goes through `read_torch_file`: CRC-checked, weights_only; or, for
+.safetensors, `read_safetensors`):
+
+- `load_checkpoint`: a whole checkpoint dict of our own, to resume a run or to read what a run recorded.
+- `restore_weights`: a checkpoint's weights into the model rebuilt from it, exactly (resume; `factory.load_model`,
+  which evaluate, predict and export use; detection's `load_detector`).
+- `read_weights` + `load_weights`: starting weights from any file a user may hand us (a run, its checkpoint.pt or
+  model.safetensors, a torchvision/timm state_dict), adapted where the rules allow (create_model's `weights=`,
+  `train --init`, hubconf.py, `detect train --backbone-weights`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import os
 import pickle
@@ -57,12 +69,17 @@ def read_torch_file(path: Path, what: str, map_location: str | torch.device = "c
     """torch.load with weights_only=True after checking the zip's CRCs; errors name `what` and the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
+    return load_torch_bytes(path.read_bytes(), path, what, map_location)
+
+
+def load_torch_bytes(data: bytes, path: Path, what: str, map_location: str | torch.device = "cpu") -> object:
+    """read_torch_file on the bytes of `path`, read once by the caller."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             damaged = archive.testzip()  # torch.load skips the CRC checks: a flipped byte would load silently
         if damaged is not None:
             raise zipfile.BadZipFile(f"{damaged} fails its CRC check")
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses any pickled object other than tensors and plain containers.
         raise CheckpointError(f"{what} {path} holds objects that are not weights; refusing to unpickle them "
@@ -130,28 +147,32 @@ def read_weights(source: str | os.PathLike) -> Weights:
     path = checkpoint_path(Path(source).expanduser()).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
+    data = path.read_bytes()  # read once: the tensors and the sha256 come from the same bytes
     if path.suffix == ".safetensors":
-        tensors, recorded = read_safetensors(path)
+        tensors, recorded = read_safetensors(data, path)
     else:
-        content = read_torch_file(path, "weights file")
+        content = load_torch_bytes(data, path, "weights file")
         tensors, recorded = (content["model"], content["model_name"]) if is_checkpoint(content) else (content, None)
     if not isinstance(tensors, Mapping) or not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
                                                    for name, tensor in tensors.items()):
         held = first_few(list(map(str, tensors))) if isinstance(tensors, Mapping) else type(tensors).__name__
         raise CheckpointError(f"weights file {path} is neither a state_dict (tensors by name) nor a resnetlab "
                               f"checkpoint; it holds {held}")
-    return Weights(path, hashlib.sha256(path.read_bytes()).hexdigest(), dict(tensors), recorded)
+    return Weights(path, hashlib.sha256(data).hexdigest(), dict(tensors), recorded)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    from safetensors import SafetensorError, safe_open
+def read_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of a .safetensors file's bytes, and the model its metadata records."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), "pt") as file:
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-            metadata = file.metadata() or {}
-    except (SafetensorError, OSError) as error:
+        tensors = load(data)
+    except SafetensorError as error:
         raise CheckpointError(f"weights file {path} is truncated or corrupt: {first_line(error)}") from None
+    # The file starts with the length of its JSON header (8 bytes, little-endian), which `load` has just read.
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    metadata = header.get("__metadata__") or {}
     return tensors, metadata.get("model")  # export_safetensors records the model; other files do not
 
 

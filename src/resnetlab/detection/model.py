@@ -28,7 +28,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, RoIPool
 
-from resnetlab.checkpoint import CheckpointError, checkpoint_path, first_line
+from resnetlab.checkpoint import CheckpointError, checkpoint_path, load_weights, read_weights
 from resnetlab.factory import create_model, load_model
 from resnetlab.models import MODELS, ResNet
 
@@ -124,13 +124,14 @@ def pretrained_classifier(backbone: str, weights: str | Path) -> tuple[nn.Module
     """The classifier `weights` holds, and the input normalization its training used (mean, std in [0, 1] units).
 
     `weights` is a resnetlab run directory or checkpoint (the network it names, normalized with its fitted mean
-    and std, std 1 when it fitted none), or a torchvision-format state_dict file (.pth/.pt via torch.load with
-    weights_only, or .safetensors), such as torchvision's ImageNet weights, normalized as torchvision's are."""
+    and std, std 1 when it fitted none), or a torchvision-format state_dict file (.pth/.pt or .safetensors), such
+    as torchvision's ImageNet weights, normalized as torchvision's are. Every file is read by the one reader,
+    `checkpoint.read_weights`, and a ResNet's weights load by `checkpoint.load_weights`' rules."""
     path = checkpoint_path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"--backbone-weights {weights}: no such file or run directory")
-    state = read_state_dict(path)
-    if "format" in state:  # a resnetlab checkpoint
+    read = read_weights(path)
+    if read.recorded_model is not None and path.suffix != ".safetensors":  # only a checkpoint records it in torch
         network, checkpoint = load_model(path)
         if checkpoint["model_name"] != backbone:
             raise CheckpointError(f"--backbone-weights {path} holds a {checkpoint['model_name']}, not a {backbone}")
@@ -142,8 +143,11 @@ def pretrained_classifier(backbone: str, weights: str | Path) -> tuple[nn.Module
         std = (1.0, 1.0, 1.0) if normalize.get("std") is None else tuple(normalize["std"].flatten().tolist())
         return network, mean, std
     network = classification_network(backbone)
-    classifier_keys = ("classifier.6." if backbone == VGG16 else "fc.")  # the 1000-way layer the detector drops
-    kept = {key: value for key, value in state.items() if not key.startswith(classifier_keys)}
+    if backbone != VGG16:
+        load_weights(network, read, backbone)
+        return network, IMAGENET_MEAN, IMAGENET_STD
+    classifier_keys = "classifier.6."  # the 1000-way layer the detector drops
+    kept = {key: value for key, value in read.tensors.items() if not key.startswith(classifier_keys)}
     missing, unexpected = network.load_state_dict(kept, strict=False)
     missing = [key for key in missing if not key.startswith(classifier_keys)]
     if missing or unexpected:
@@ -151,20 +155,6 @@ def pretrained_classifier(backbone: str, weights: str | Path) -> tuple[nn.Module
                               f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                               f"(e.g. {unexpected[:2]})")
     return network, IMAGENET_MEAN, IMAGENET_STD
-
-
-def read_state_dict(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load and safetensors raise many kinds; all mean "not readable weights"
-        raise CheckpointError(f"--backbone-weights {path} cannot be read as weights: {first_line(error)}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"--backbone-weights {path} holds a {type(state).__name__}, not a state_dict")
-    return state
 
 
 def build_detector(backbone: str, num_classes: int, *, frozen_bn: bool, image_mean: Sequence[float],
