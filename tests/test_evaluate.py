@@ -1,5 +1,6 @@
-"""resnetlab.evaluate: the paper's testing modes against explicitly built inputs, ensembles, predict, and the
-`evaluate` / `predict` commands. A tiny resnet20 trained for 10 iterations on the 8x8 digits is the model."""
+"""resnetlab.evaluate and resnetlab.inference: the paper's testing modes against explicitly built inputs, ensembles,
+predict, and the `evaluate` / `predict` commands. A tiny resnet20 trained for 10 iterations on the 8x8 digits is the
+model."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from run_helpers import tiny_config, write_png_folder
 
-import resnetlab.evaluate as evaluation
+import resnetlab.inference as inference
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.data import load_dataset
@@ -24,15 +25,14 @@ from resnetlab.evaluate import (
     check_multiscale_fits,
     class_probabilities,
     ensemble_probabilities,
-    evaluate_checkpoints,
     load_models,
     mode_probabilities,
     multiscale_sides,
-    predict,
     top_k_error,
     training_side,
 )
 from resnetlab.factory import load_model
+from resnetlab.inference import evaluate_checkpoints, predict
 from resnetlab.train import train
 
 CPU = torch.device("cpu")
@@ -95,7 +95,7 @@ def test_multiscale_is_the_mean_over_explicitly_resized_inputs(trained):
 
 
 def test_multiscale_is_refused_to_nets_trained_on_small_images_before_reading_data(run, monkeypatch):
-    monkeypatch.setattr(evaluation, "load_dataset", lambda *a, **kw: pytest.fail("read the data of a refused mode"))
+    monkeypatch.setattr(inference, "load_dataset", lambda *a, **kw: pytest.fail("read the data of a refused mode"))
     with pytest.raises(ValueError, match=f"--mode multiscale is the paper's ImageNet protocol; "
                                          f"{re.escape(str(run / 'checkpoint.pt'))} was trained on 8x8 images, which "
                                          f"the paper tests on the single view of the original image"):
@@ -107,7 +107,7 @@ def test_ten_crop_is_refused_for_data_never_mirrored_in_training(run, monkeypatc
                                          "training"):
         evaluate_checkpoints([run], mode="10crop", device="cpu")
     mirrored = replace(load_dataset("digits"), flip=True)  # as CIFAR and image folders are
-    monkeypatch.setattr(evaluation, "load_dataset", lambda spec: mirrored)
+    monkeypatch.setattr(inference, "load_dataset", lambda spec: mirrored)
     result = evaluate_checkpoints([run], mode="10crop", device="cpu")
     scores, labels = ensemble_probabilities(load_models([run], CPU), mirrored.test, "10crop", device=CPU)
     assert (result["mode"], result["top1_error"]) == ("10crop", pytest.approx(top_k_error(scores, labels, 1)))

@@ -28,7 +28,7 @@ from run_helpers import (
 )
 
 import resnetlab.train as training
-from resnetlab import evaluate
+from resnetlab import inference
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.factory import create_model
@@ -204,7 +204,7 @@ def test_a_gpu_out_of_memory_error_names_the_flags_the_command_has(tmp_path, mon
                                      "79.19 GiB of which 1.06 GiB is free. Of the allocated memory 76.8 GiB is "
                                      "allocated by PyTorch, and 312.4 MiB is reserved by PyTorch but unallocated.")
 
-    monkeypatch.setattr(evaluate, "predict", out_of_gpu_memory)
+    monkeypatch.setattr(inference, "predict", out_of_gpu_memory)
     assert cli_main(["predict", str(tmp_path), "image.png"]) == 2
     assert capsys.readouterr().err == ("resnetlab predict: error: out of memory on the GPU (tried to allocate "
                                        "1.50 GiB); try --precision bf16 on a GPU\n")

@@ -19,8 +19,8 @@ from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
 from resnetlab.data import load_dataset
 from resnetlab.data.augment import Normalize
-from resnetlab.evaluate import evaluate_checkpoints, predict
 from resnetlab.factory import load_model
+from resnetlab.inference import evaluate_checkpoints, predict
 from resnetlab.precision import resolve_precision
 from resnetlab.quantize import CALIBRATION_IMAGES, OnnxRuntimeNetwork, calibration_batch, quantized_onnx
 from resnetlab.train import train

@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from resnetlab.evaluate import evaluate_checkpoints
+    from resnetlab.inference import evaluate_checkpoints
 
     result = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.mode,
                                   batch_size=args.batch_size, workers=args.workers, precision=args.precision,
@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from resnetlab.evaluate import predict
+    from resnetlab.inference import predict
 
     for path, ranking in zip(args.images, predict(args.checkpoint, args.images, args.top, precision=args.precision,
                                                     calibration_data=args.calibration_data)):
@@ -91,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from resnetlab.export import export
+    from resnetlab.inference import export
 
     path = export(args.checkpoint, args.format, args.out, precision=args.precision,
                   calibration_data=args.calibration_data)

@@ -1,4 +1,4 @@
-"""Evaluation: class scores of a dataset in the paper's three testing modes, ensembles, and predictions.
+"""Evaluation: class scores of a dataset in the paper's three testing modes, top-k error, and ensembles.
 
 Modes (He et al. 2015, Sec. 3.4 and Table 3):
 
@@ -18,8 +18,8 @@ Modes (He et al. 2015, Sec. 3.4 and Table 3):
   image"; on small images the mode is worse, not better (a MNIST net: 80.9% top-1 error against 8.6% centered),
   so nets trained on images of at most 64x64 are refused it.
 
-`evaluate_checkpoints` makes these refusals; `mode_probabilities` computes any mode it is asked for. Measurements:
-docs/benchmarks.md, section 6.
+`inference.evaluate_checkpoints` makes these refusals; `mode_probabilities` computes any mode it is asked for.
+Measurements: docs/benchmarks.md, section 6.
 
 The views of a batch go through the network together: 10crop's 10 crops of batch_size // 10 images as one batch
 of views, multiscale's images at each scale as one batch.
@@ -32,19 +32,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path
-from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
-from resnetlab.data.datasets import PILLOW_DECODE_ERRORS, ImageDataset
-from resnetlab.data.spec import DatasetSpec, load_dataset
-from resnetlab.export import fast_inference
+from resnetlab.data.augment import Normalize, resize_shorter
+from resnetlab.data.datasets import ImageDataset
 from resnetlab.factory import load_model
-from resnetlab.precision import Precision, autocast, inference_device, resolve_precision
-from resnetlab.quantize import int8_inference, run_calibration_batch
+from resnetlab.precision import Precision, autocast
 
 MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
@@ -149,7 +144,7 @@ def top_k_error(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Checkpoints: evaluation, ensembles, prediction
+# Ensembles of checkpoints
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -180,90 +175,3 @@ def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: Image
             padding=recipe.get("padding", 4), batch_size=batch_size, precision=precision, workers=workers)
         scores.append(model_scores)
     return torch.stack(scores).mean(0), labels
-
-
-def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, mode: str = "center", *,
-                         device: str = "auto", batch_size: int = 500, workers: int = 0, precision: str = "fp32",
-                         calibration_data: str | None = None) -> dict:
-    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on).
-
-    `precision`: fp32 (the model as trained), bf16 (autocast), int8 (`quantize`: each checkpoint calibrated on
-    the training split of `calibration_data`, by default its own run's dataset), or auto (`resolve_precision`)."""
-    check_mode(mode)  # before loading anything
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    target = inference_device(device, precision)
-    precision = resolve_precision(precision, target, training=False)
-    models = load_models(checkpoints, target)
-    if mode == "multiscale":  # refused before any data is read
-        for path, (_, state) in zip(checkpoints, models):
-            check_multiscale_fits(Normalize.from_state_dict(state["normalize"]), checkpoint_path(path))
-    first = models[0][1]
-    spec = data or first.get("config", {}).get("data")
-    if not spec:
-        raise ValueError(f"{checkpoint_path(checkpoints[0])} does not record its dataset; give --data")
-    splits = load_dataset(spec)
-    if mode == "10crop" and not splits.flip:
-        raise ValueError(f"--mode 10crop averages mirrored views, but {spec} is never mirrored in training (a "
-                         f"mirrored digit is another glyph; a MNIST net errs on 71% of them): use --mode center")
-    if splits.classes != first["classes"]:
-        raise ValueError(f"{spec} has classes {splits.classes[:3]}... ({splits.num_classes}), but "
-                         f"{checkpoint_path(checkpoints[0])} predicts {first['classes'][:3]}... "
-                         f"({len(first['classes'])})")
-    if precision == "int8":
-        models = [(int8_inference(model, run_calibration_batch(state, calibration_data)), state)
-                  for model, state in models]
-    scores, labels = ensemble_probabilities(models, splits.test, mode, device=target, batch_size=batch_size,
-                                            precision=precision, workers=workers)
-    return {"checkpoints": [str(checkpoint_path(path)) for path in checkpoints], "data": spec, "mode": mode,
-            "precision": precision, "images": len(labels), "top1_error": top_k_error(scores, labels, 1),
-            "top5_error": top_k_error(scores, labels, 5)}
-
-
-def prediction_input(path: str | Path, channels: int, side: int, border: float) -> torch.Tensor:
-    """One image file as uint8 (channels, side, side): the central square, less `border` (a fraction of each
-    side, as the 256 -> 224 validation crop removes), resized to `side`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except (*PILLOW_DECODE_ERRORS, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read {path} as an image: {error}") from None
-    square = ImageOps.fit(img, (side, side), Image.BILINEAR, bleed=border)
-    pixels = torch.from_numpy(np.array(square))
-    return pixels[None] if channels == 1 else pixels.permute(2, 0, 1)
-
-
-@torch.no_grad()
-def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
-            device: str = "auto", precision: str = "auto", calibration_data: str | None = None
-            ) -> list[list[tuple[str, float]]]:
-    """The k most probable (class name, probability) of each image, most probable first.
-
-    Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
-    the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
-    sees its validation view (shorter side 256, central 224); a small-image model the central square resized.
-    The model runs as `export.fast_inference`: BN folded, channels_last, and with precision "auto" bf16 only where
-    the CPU has AMX (`precision.resolve_precision`); with "int8" as `quantize.int8_inference`, calibrated on the
-    training split of `calibration_data` (default: the run's own dataset).
-    """
-    if k < 1:
-        raise ValueError(f"--top must be >= 1, got {k}")
-    target = inference_device(device, precision)
-    precision = resolve_precision(precision, target, training=False)  # before any image is read
-    model, state = load_model(checkpoint)
-    normalize = Normalize.from_state_dict(state["normalize"])
-    channels = state["model_kwargs"].get("in_channels", 3)
-    side = training_side(normalize)
-    spec = state.get("config", {}).get("data")
-    validation = CenterCrop()
-    border = (1 - validation.crop / validation.resize) / 2 if spec and DatasetSpec.parse(spec).kind == "folder" else 0.0
-    images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
-    network = (int8_inference(model, run_calibration_batch(state, calibration_data)) if precision == "int8"
-               else fast_inference(model.to(target), precision=precision))
-    scores = network(normalize(images.to(target))).softmax(1).cpu()
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
-    return [[(state["classes"][i], p) for i, p in zip(indices.tolist(), probs.tolist())]
-            for indices, probs in zip(top.indices, top.values)]

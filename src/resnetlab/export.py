@@ -1,4 +1,4 @@
-"""Inference forms of a trained model: BN folded into the convolutions, the fast CPU path, ONNX and TorchScript.
+"""Inference forms of a trained model: BN folded into the convolutions, the fast CPU path, the ONNX form.
 
 In eval mode a BatchNorm is an affine map per channel, so conv -> BN equals one conv with scaled weights and a
 bias: `fold_batchnorm` returns that network (fp32 logits within 1e-4 of the original). `fast_inference` wraps it
@@ -7,7 +7,8 @@ for speed: channels_last, bf16 autocast where the CPU computes bf16 natively, an
     resnetlab export runs/x --format onnx --out resnet20.onnx
     resnetlab export runs/x --format onnx --precision int8    # runs/x/model.int8.onnx (resnetlab.quantize)
 
-The exported model takes the normalized image batch (N, C, H, W) and returns logits; the batch size is free.
+The command (`inference.export`) writes the folded network as ONNX or TorchScript. The exported model takes the
+normalized image batch (N, C, H, W) and returns logits; the batch size is free.
 """
 
 from __future__ import annotations
@@ -19,14 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from resnetlab.complexity import native_input_size
-from resnetlab.factory import load_model
-from resnetlab.files import write_atomically
-from resnetlab.models import model_family
-from resnetlab.precision import EXPORT_PRECISIONS, resolve_precision
-
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+from resnetlab.precision import resolve_precision
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -85,46 +79,9 @@ def fast_inference(model: nn.Module, *, precision: str = "auto", compile: bool =
     return torch.compile(fast)
 
 
-def export(checkpoint: str | Path, format: str, out: str | Path | None = None, *, precision: str = "fp32",
-           calibration_data: str | None = None) -> Path:
-    """Write the checkpoint's model, BN folded, as ONNX or TorchScript; returns the file written.
-
-    precision "int8" (ONNX only) writes the int8 model of `quantize.quantized_onnx`, calibrated on the training
-    split of `calibration_data` (default: the run's own dataset). `out` defaults to model.onnx /
-    model.int8.onnx / model.torchscript.pt in a run directory, else the checkpoint's name with that suffix."""
-    if format not in FORMATS:
-        raise ValueError(f"--format {format!r} is not valid; choose one of {', '.join(FORMATS)}")
-    if precision not in EXPORT_PRECISIONS:
-        raise ValueError(f"--precision {precision!r} is not valid for export; choose {' or '.join(EXPORT_PRECISIONS)}")
-    if precision == "int8" and format != "onnx":
-        raise ValueError("--precision int8 is exported as ONNX only (ONNX Runtime runs it): use --format onnx")
-    model, state = load_model(checkpoint)
-    path = Path(out) if out is not None else default_export_path(Path(checkpoint), format, precision)
-    if precision == "int8":
-        from resnetlab.quantize import quantized_onnx, run_calibration_batch
-
-        onnx_model = quantized_onnx(model, run_calibration_batch(state, calibration_data))
-        write_atomically(path, lambda file: file.write(onnx_model))  # an existing file survives a failed export
-        return path
-    folded = fold_batchnorm(model)
-    example = torch.zeros(2, *native_input_size(model_family(state["model_name"]), state["model_kwargs"]
-                                                .get("in_channels", 3)))
-    with torch.no_grad():
-        if format == "torchscript":
-            torch.jit.save(torch.jit.trace(folded, example), str(path))
-        else:
-            write_onnx(folded, example, path)
-    return path
-
-
 def write_onnx(folded: nn.Module, example: torch.Tensor, path: Path) -> None:
     """The fp32 ONNX form of a folded network: input "images" (normalized, any batch size), output "logits"."""
     with torch.no_grad():
         # The TorchScript-based exporter needs no onnxscript; the batch dimension stays free.
         torch.onnx.export(folded, (example,), str(path), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-
-
-def default_export_path(checkpoint: Path, format: str, precision: str = "fp32") -> Path:
-    suffix = (".int8" if precision == "int8" else "") + SUFFIXES[format]
-    return checkpoint / f"model{suffix}" if checkpoint.is_dir() else checkpoint.with_name(checkpoint.stem + suffix)
