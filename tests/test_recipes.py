@@ -14,7 +14,7 @@ import pytest
 from run_helpers import read_metrics, tiny_config
 
 import resnetlab.train as training
-from resnetlab import recipes
+from resnetlab import recipes, runlog
 from resnetlab.cli import add_train_arguments
 from resnetlab.cli import main as cli_main
 from resnetlab.recipes import RECIPE_KEYS, RECIPES, RUN_KEYS, TrainConfig, flag, resolve_config
@@ -283,12 +283,12 @@ def test_a_config_stored_with_the_removed_augment_setting_still_loads():
 
 def test_every_flag_a_message_names_is_a_train_flag():
     """recipes.validate names any setting as its flag, train.resume_config names the ones that may change, and
-    both name some literally: each must be a flag of `resnetlab train`."""
+    they and runlog name some literally: each must be a flag of `resnetlab train`."""
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     flags = set(re.findall(r"--[a-z][a-z-]*[a-z]", parser.format_help()))
     named = {f"--{flag(key)}" for key in RUN_KEYS + RECIPE_KEYS}
-    for module in (recipes, training):
+    for module in (recipes, training, runlog):
         named |= set(re.findall(r"--[a-z][a-z-]*[a-z]", inspect.getsource(module)))
     assert "--lr-milestones" in named and named - flags == set()
 
