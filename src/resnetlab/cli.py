@@ -199,71 +199,97 @@ def add_calibration_argument(p: argparse.ArgumentParser) -> None:
                    "calibrate the quantization (default: the one the checkpoint was trained on)")
 
 
-def add_run_arguments(p: argparse.ArgumentParser, *, model: str, data: str, recipe: str) -> None:
+# The sections of a training command's --help, in this order.
+DATA, MODEL, OPTIMIZER, COMPUTE, LOGGING = ("data", "model and weights", "optimizer and schedule", "compute",
+                                            "logging and checkpoints")
+
+
+def argument_groups(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    return {title: p.add_argument_group(title) for title in (DATA, MODEL, OPTIMIZER, COMPUTE, LOGGING)}
+
+
+def add_run_arguments(groups: dict[str, argparse._ArgumentGroup], *, model: str, data: str, recipe: str) -> None:
     """The flags every training command has: what to train, on what, where, and from which settings."""
-    p.add_argument("--model", help=model)
-    p.add_argument("--data", help=data)
-    p.add_argument("--out", help="the run directory (created)")
-    p.add_argument("--recipe", help=recipe)
-    p.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
-    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    groups[MODEL].add_argument("--model", help=model)
+    groups[DATA].add_argument("--data", help=data)
+    groups[OPTIMIZER].add_argument("--recipe", help=recipe)
+    groups[OPTIMIZER].add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
+    groups[LOGGING].add_argument("--out", help="the run directory (created)")
+    groups[LOGGING].add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of a training run; None means "not given", so presets and TOML files keep their values."""
-    add_run_arguments(p, model="a name from `resnetlab models`, e.g. resnet20",
+    groups = argument_groups(p)
+    add_run_arguments(groups, model="a name from `resnetlab models`, e.g. resnet20",
                       data="cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH or digits",
                       recipe="preset: cifar (default) or imagenet")
-    p.add_argument("--init", metavar="PATH", help="start from these weights: a run directory, its checkpoint.pt or "
+    g = groups[DATA]
+    g.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
+    g.add_argument("--padding", type=int, metavar="PIXELS",
+                   help="array images are padded by this much before the random crop (at 32x32; paper: 4)")
+    g.add_argument("--per-channel-std", action=argparse.BooleanOptionalAction, default=None,
+                   help="also divide by each channel's std (unit-variance input, as ImageNet weights expect)")
+    g.add_argument("--workers", type=int, help="DataLoader processes for image folders")
+    g.add_argument("--download", action="store_true", default=None, help="fetch CIFAR/MNIST if missing")
+
+    g = groups[MODEL]
+    g.add_argument("--shortcut", choices=["A", "B", "C"], help="residual shortcut option (paper Sec. 3.3)")
+    g.add_argument("--init", metavar="PATH", help="start from these weights: a run directory, its checkpoint.pt or "
                    "model.safetensors, or a torchvision/timm state_dict (.pth); an fc for another number of classes "
                    "is re-initialised")
-    p.add_argument("--freeze-backbone", action="store_true", default=None,
+    g.add_argument("--freeze-backbone", action="store_true", default=None,
                    help="with --init: train the classifier (fc) alone, BN statistics kept as loaded")
-    p.add_argument("--iterations", type=int,
+
+    g = groups[OPTIMIZER]
+    g.add_argument("--iterations", type=int,
                    help="total iterations; the lr milestones scale with it unless --lr-milestones is given")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-milestones", type=int_tuple, metavar="I1,I2,...",
+    g.add_argument("--batch-size", type=int, help="images per SGD step, over all processes (cifar: 128, imagenet: 256)")
+    g.add_argument("--lr", type=float, help="the learning rate SGD starts from (paper: 0.1)")
+    g.add_argument("--lr-milestones", type=int_tuple, metavar="I1,I2,...",
                    help="iterations at which the lr is multiplied by --lr-decay (cifar: 32000,48000; '' for none)")
-    p.add_argument("--lr-decay", type=float, help="the lr's factor at each milestone or plateau (paper: 0.1)")
-    p.add_argument("--plateau-patience", type=int, metavar="K",
+    g.add_argument("--lr-decay", type=float, help="the lr's factor at each milestone or plateau (paper: 0.1)")
+    g.add_argument("--plateau-patience", type=int, metavar="K",
                    help="decay the lr after K evaluations without a better validation error (imagenet: 3; 0: off)")
-    p.add_argument("--warmup-min-depth", type=int, metavar="DEPTH",
+    g.add_argument("--warmup-min-depth", type=int, metavar="DEPTH",
                    help="nets this deep or deeper start at --warmup-lr (cifar: 110; 0: no warm-up)")
-    p.add_argument("--warmup-lr", type=float, help="the warm-up lr (paper: 0.01)")
-    p.add_argument("--warmup-until-error", type=float, metavar="FRACTION",
+    g.add_argument("--warmup-lr", type=float, help="the warm-up lr (paper: 0.01)")
+    g.add_argument("--warmup-until-error", type=float, metavar="FRACTION",
                    help="warm up until the training error is below this (paper: 0.8)")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--padding", type=int, metavar="PIXELS",
-                   help="array images are padded by this much before the random crop (at 32x32; paper: 4)")
-    p.add_argument("--per-channel-std", action=argparse.BooleanOptionalAction, default=None,
-                   help="also divide by each channel's std (unit-variance input, as ImageNet weights expect)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
-    p.add_argument("--shortcut", choices=["A", "B", "C"], help="residual shortcut option (paper Sec. 3.3)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=float, help="L2 penalty on the weights, as SGD applies it (paper: 0.0001)")
+    g.add_argument("--seed", type=int, help="seeds the initial weights, the batch order and the augmentation "
+                   "(default 0)")
+
+    g = groups[COMPUTE]
     # No argparse choices: recipes.validate rejects a bad precision from a flag or a TOML file with one message.
-    p.add_argument("--precision", help=f"{' or '.join(PRECISIONS)} (default fp32): bf16 autocasts the convs and the fc")
-    p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--precision", help=f"{' or '.join(PRECISIONS)} (default fp32): bf16 autocasts the convs and the fc")
+    g.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep activations in the NHWC memory layout, which the fast convolution kernels take "
+                   "(default: on)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA only: replay each training step's forward and backward as CUDA graphs (fp32, one GPU)")
-    p.add_argument("--checkpoint-every", type=int, metavar="K")
-    p.add_argument("--eval-every", type=int, metavar="K")
-    p.add_argument("--eval-batch-size", type=int, help="images per forward pass when evaluating (default 500)")
-    p.add_argument("--train-eval-size", type=int, metavar="N",
-                   help="the final training error is measured on at most N training images (default 10000)")
-    p.add_argument("--log-every", type=int, metavar="K")
-    p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
-    p.add_argument("--workers", type=int, help="DataLoader processes for image folders")
-    p.add_argument("--download", action="store_true", default=None, help="fetch CIFAR/MNIST if missing")
-    p.add_argument("--sync-bn", action="store_true", default=None, help="distributed: BN statistics over all processes")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+    g.add_argument("--sync-bn", action="store_true", default=None, help="distributed: BN statistics over all processes")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="keep fewer activations, recompute them in backward "
                    "(resnet1202 at batch 128: 4.4 GiB instead of 12.4)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--eval-batch-size", type=int, help="images per forward pass when evaluating (default 500)")
+
+    g = groups[LOGGING]
+    g.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="write checkpoint.pt every K iterations as well as at the end (default 0: at the end only)")
+    g.add_argument("--eval-every", type=int, metavar="K",
+                   help="measure the validation and test error every K iterations as well as at the end (default 0: "
+                   "at the end only)")
+    g.add_argument("--train-eval-size", type=int, metavar="N",
+                   help="the final training error is measured on at most N training images (default 10000)")
+    g.add_argument("--log-every", type=int, metavar="K",
+                   help="a line of metrics.jsonl (loss, error, lr, images/s) every K iterations (default 10)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_detect_commands(p.add_subparsers(dest="detect_command", required=True, metavar="ACTION"))
 
     p = sub.add_parser("bench", help="images/s of the default training or inference path beside a reference")
-    p.add_argument("what", choices=["train", "infer"])
+    p.add_argument("what", choices=["train", "infer"], help="train: SGD steps; infer: forward passes")
     p.add_argument("--model", required=True, help="a name from `resnetlab models`")
     p.add_argument("--batch-size", type=int, help="default: 128 for train, 16 for infer")
     p.add_argument("--seconds", type=float, default=30.0, help="time per path (split over 3 rounds)")
@@ -318,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a checkpoint's model with BN folded, as ONNX or TorchScript")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="the file format written")
     p.add_argument("--out", metavar="FILE",
                    help="default: model.onnx / model.int8.onnx / model.torchscript.pt beside the checkpoint")
     p.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS, help="int8: quantized, ONNX only")
@@ -326,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")
-    p.add_argument("experiment", choices=["table1", "degradation", "shortcuts", "depth", "responses"])
+    p.add_argument("experiment", choices=["table1", "degradation", "shortcuts", "depth", "responses"],
+                   help="the paper's table or figure to reproduce")
     p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, *.png and runs/ go here")
     p.add_argument("--data", help="dataset spec (default: digits)")
     p.add_argument("--iterations", type=int, help="iterations of every run (the lr milestones scale with it)")
@@ -347,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="re-render DIR/report.md and its plots from DIR/results.json")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="an experiment's output directory (reproduce --out)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the degradation problem and its cure on the embedded digits data (~10 min on 2 "
@@ -360,33 +387,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_detect_commands(sub) -> None:
     p = sub.add_parser("train", help="train a detector (the recipe's settings, overridden by --config and flags)")
-    add_run_arguments(p, model="backbone: a name from `resnetlab models` (e.g. resnet101, plain34) or vgg16",
+    groups = argument_groups(p)
+    add_run_arguments(groups, model="backbone: a name from `resnetlab models` (e.g. resnet101, plain34) or vgg16",
                       data="coco:PATH (annotations/instances_<split>.json + <split>/) or voc:PATH (VOCdevkit/VOC2007)",
                       recipe="preset: voc (default), coco (the paper's) or small (CPU checks)")
-    p.add_argument("--backbone-weights", metavar="PATH", help="a resnetlab run directory or checkpoint, or a "
-                   "torchvision-format state_dict (.pth or .safetensors); BN is then frozen. Default: from scratch, "
-                   "BN trained")
-    p.add_argument("--train-split", help="default: train2017 (COCO), trainval (VOC)")
-    p.add_argument("--eval-split", help="default: val2017 (COCO), test (VOC)")
-    p.add_argument("--iterations", type=int, help="total iterations; the lr milestones scale with it")
-    p.add_argument("--images-per-batch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-size", type=int, help="shorter image side, pixels (paper: 600)")
-    p.add_argument("--max-size", type=int, help="longest image side, pixels (paper: 1000)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
-    p.add_argument("--checkpoint-every", type=int, metavar="K")
-    p.add_argument("--eval-every", type=int, metavar="K")
-    p.add_argument("--log-every", type=int, metavar="K")
-    p.add_argument("--workers", type=int, help="DataLoader processes decoding images")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = groups[DATA]
+    g.add_argument("--train-split", help="default: train2017 (COCO), trainval (VOC)")
+    g.add_argument("--eval-split", help="default: val2017 (COCO), test (VOC)")
+    g.add_argument("--min-size", type=int, help="shorter image side, pixels (paper: 600)")
+    g.add_argument("--max-size", type=int, help="longest image side, pixels (paper: 1000)")
+    g.add_argument("--workers", type=int, help="DataLoader processes decoding images")
+    groups[MODEL].add_argument("--backbone-weights", metavar="PATH", help="a resnetlab run directory or checkpoint, "
+                               "or a torchvision-format state_dict (.pth or .safetensors); BN is then frozen. "
+                               "Default: from scratch, BN trained")
+    g = groups[OPTIMIZER]
+    g.add_argument("--iterations", type=int, help="total iterations; the lr milestones scale with it")
+    g.add_argument("--images-per-batch", type=int, help="images per SGD step (voc: 1, coco: 8)")
+    g.add_argument("--lr", type=float, help="the learning rate SGD starts from (paper: 0.001)")
+    g.add_argument("--seed", type=int, help="seeds the initial weights, the image order and the flips (default 0)")
+    groups[COMPUTE].add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
+    g = groups[LOGGING]
+    g.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="write checkpoint.pt every K iterations as well as at the end (default 0: at the end only)")
+    g.add_argument("--eval-every", type=int, metavar="K",
+                   help="measure mAP on the evaluation split every K iterations as well as at the end (default 0: "
+                   "at the end only)")
+    g.add_argument("--log-every", type=int, metavar="K",
+                   help="a line of metrics.jsonl (the losses, lr, images/s) every K iterations (default 10)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_detect_train)
 
     p = sub.add_parser("evaluate", help="COCO mAP (pycocotools) or VOC AP per class of a trained detector")
     p.add_argument("checkpoint", metavar="CKPT", help="a detection checkpoint.pt or the run directory holding it")
     p.add_argument("--data", help="coco:PATH or voc:PATH (default: the one it was trained on)")
     p.add_argument("--split", help="default: the run's evaluation split")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_detect_evaluate)
 
@@ -396,7 +431,7 @@ def add_detect_commands(sub) -> None:
     p.add_argument("--score-threshold", type=float, default=0.5, help="smallest score shown (default 0.5)")
     p.add_argument("--out", default="detections", metavar="DIR",
                    help="where IMAGE.detections.png are written (default ./detections)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu or cuda")
     p.set_defaults(func=cmd_detect_predict)
 
 
