@@ -273,8 +273,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA only: replay each training step's forward and backward as CUDA graphs (fp32, one GPU)")
     g.add_argument("--sync-bn", action="store_true", default=None, help="distributed: BN statistics over all processes")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="keep fewer activations, recompute them in backward "
-                   "(resnet1202 at batch 128: 4.4 GiB instead of 12.4)")
+                   help="keep fewer activations, recompute them in backward: much less memory for about one more "
+                   "forward per step (docs/benchmarks.md, section 3)")
     g.add_argument("--eval-batch-size", type=int, help="images per forward pass when evaluating (default 500)")
 
     g = groups[LOGGING]

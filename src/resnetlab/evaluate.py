@@ -9,14 +9,14 @@ Modes (He et al. 2015, Sec. 3.4 and Table 3):
   folder images resized to 256 on the shorter side (224 crops); small array images (CIFAR, MNIST, digits)
   zero-padded as in training (4 pixels at 32x32, `padding_for`), so the 10 crops are the extreme and central
   positions of the training's random crop. Data never mirrored in training (MNIST, digits: a mirrored digit is
-  another glyph) is refused it: the mirrored views are wrong (a MNIST net: 71% error on them, 8.6% centered).
+  another glyph) is refused it: the mirrored views are wrong (docs/benchmarks.md, section 6, measures how wrong).
 - ``multiscale``: fully convolutional (the global average pool accepts any size): the shorter side is resized to
   each of the paper's scales {224, 256, 384, 480, 640} (for 224 training crops; other training sizes in the same
   ratios) and the softmax scores are averaged. Images are normalized at their loaded size (the per-pixel mean fits
   there) and the normalized batch is resized; resizing is linear, so this equals subtracting the equally resized
   mean. The paper tests multi-scale on ImageNet only and its CIFAR nets on "the single view of the original 32x32
-  image"; on small images the mode is worse, not better (a MNIST net: 80.9% top-1 error against 8.6% centered),
-  so nets trained on images of at most 64x64 are refused it.
+  image"; on small images the mode is worse, not better (far worse for a MNIST net: section 6 of
+  docs/benchmarks.md), so nets trained on images of at most 64x64 are refused it.
 
 `inference.evaluate_checkpoints` makes these refusals; `mode_probabilities` computes any mode it is asked for.
 Measurements: docs/benchmarks.md, section 6.

@@ -70,9 +70,9 @@ def fast_inference(model: nn.Module, *, precision: str = "auto", compile: bool =
     fast = FastInference(model, bf16=resolve_precision(precision, device, training=False) == "bf16").eval()
     if not compile:
         return fast
-    # Freezing turns the weights into constants, so Inductor can pre-pack them for oneDNN once: 34 vs 29 images/s
-    # for resnet50 on 2 cores (docs/benchmarks.md). It is read when the first call compiles, so it is set for the
-    # process (torch.compile's options= did not reach it); Inductor applies it to graphs without gradients only.
+    # Freezing turns the weights into constants, so Inductor can pre-pack them for oneDNN once (faster: section 2 of
+    # docs/benchmarks.md). It is read when the first call compiles, so it is set for the process (torch.compile's
+    # options= did not reach it); Inductor applies it to graphs without gradients only.
     import torch._inductor.config  # imported here: loading Inductor costs seconds that eager use should not pay
 
     torch._inductor.config.freezing = True

@@ -77,9 +77,8 @@ def cpu_has_bf16() -> bool:
 
 def bf16_is_faster() -> bool:
     """Whether bf16 should be the fast path on this CPU: only with AMX tiles. With AVX512-BF16 alone, oneDNN's bf16
-    kernels measured 0.83-0.96x fp32 for training and inference on an Intel Xeon (docs/benchmarks.md, section 1).
-    On an AMD EPYC with AVX512-BF16, bf16 training ran 1.41x fp32 (section 1); its inference is unmeasured, so
-    the rule stays AMX-only until it is."""
+    kernels were slower than fp32 for training and inference on an Intel Xeon, and faster for training on an AMD
+    EPYC (docs/benchmarks.md, section 1); inference there is unmeasured, so the rule stays AMX-only until it is."""
     cpuinfo = Path("/proc/cpuinfo")
     return cpu_has_bf16() and cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
 

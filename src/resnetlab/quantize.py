@@ -9,9 +9,9 @@ turns it into an int8 one: weights per output channel (signed int8), activations
 ranges taken from the fp32 network's activations on `CALIBRATION_IMAGES` of the run's training images (evenly
 spaced through the training set, in their validation view, normalized as in training). Every convolution is
 int8 and the fc stays fp32 (0.05% of resnet50's work). Keeping the first convolution in fp32 too, a common choice,
-kept the fp32 answer on 0.15% more CIFAR-10 test images but cost resnet50 25% of its int8 speed
-(docs/benchmarks.md, section 2). ONNX Runtime runs the convolutions as int8 dot products (AVX512-VNNI here);
-it ran resnet50 1.9x faster than torch's own int8 (PT2E with Inductor), measured in the same section.
+kept the fp32 answer on a few more test images but cost much of the int8 speed (docs/benchmarks.md, section 2).
+ONNX Runtime runs the convolutions as int8 dot products (AVX512-VNNI where the CPU has it); it ran resnet50 faster
+than torch's own int8 (PT2E with Inductor), measured in the same section.
 
 The result, an `OnnxRuntimeNetwork`, is a module that takes the normalized fp32 batch and returns fp32 logits, like
 `export.fast_inference`, so predict and evaluate use it unchanged. It runs on the CPU only.
