@@ -208,14 +208,25 @@ def argument_groups(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentG
     return {title: p.add_argument_group(title) for title in (DATA, MODEL, OPTIMIZER, COMPUTE, LOGGING)}
 
 
-def add_run_arguments(groups: dict[str, argparse._ArgumentGroup], *, model: str, data: str, recipe: str) -> None:
-    """The flags every training command has: what to train, on what, where, and from which settings."""
+def add_run_arguments(groups: dict[str, argparse._ArgumentGroup], *, model: str, data: str, recipe: str,
+                      evaluated: str, logged: str) -> None:
+    """The flags every training command has: what to train, on what, where, from which settings, and what it
+    writes when."""
     groups[MODEL].add_argument("--model", help=model)
     groups[DATA].add_argument("--data", help=data)
     groups[OPTIMIZER].add_argument("--recipe", help=recipe)
     groups[OPTIMIZER].add_argument("--config", metavar="FILE.toml", help="settings from a TOML file; flags override it")
-    groups[LOGGING].add_argument("--out", help="the run directory (created)")
-    groups[LOGGING].add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    groups[COMPUTE].add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
+    g = groups[LOGGING]
+    g.add_argument("--out", help="the run directory (created)")
+    g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    g.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="write checkpoint.pt every K iterations as well as at the end (default 0: at the end only)")
+    g.add_argument("--eval-every", type=int, metavar="K",
+                   help=f"measure {evaluated} every K iterations as well as at the end (default 0: at the end only)")
+    g.add_argument("--log-every", type=int, metavar="K",
+                   help=f"a line of metrics.jsonl ({logged}) every K iterations (default 10)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -223,7 +234,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     groups = argument_groups(p)
     add_run_arguments(groups, model="a name from `resnetlab models`, e.g. resnet20",
                       data="cifar10:PATH, cifar100:PATH, mnist:PATH, folder:PATH or digits",
-                      recipe="preset: cifar (default) or imagenet")
+                      recipe="preset: cifar (default) or imagenet", evaluated="the validation and test error",
+                      logged="loss, error, lr, images/s")
     g = groups[DATA]
     g.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
     g.add_argument("--padding", type=int, metavar="PIXELS",
@@ -264,7 +276,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = groups[COMPUTE]
     # No argparse choices: recipes.validate rejects a bad precision from a flag or a TOML file with one message.
     g.add_argument("--precision", help=f"{' or '.join(PRECISIONS)} (default fp32): bf16 autocasts the convs and the fc")
-    g.add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="keep activations in the NHWC memory layout, which the fast convolution kernels take "
                    "(default: on)")
@@ -278,18 +289,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, help="images per forward pass when evaluating (default 500)")
 
     g = groups[LOGGING]
-    g.add_argument("--checkpoint-every", type=int, metavar="K",
-                   help="write checkpoint.pt every K iterations as well as at the end (default 0: at the end only)")
-    g.add_argument("--eval-every", type=int, metavar="K",
-                   help="measure the validation and test error every K iterations as well as at the end (default 0: "
-                   "at the end only)")
     g.add_argument("--train-eval-size", type=int, metavar="N",
                    help="the final training error is measured on at most N training images (default 10000)")
-    g.add_argument("--log-every", type=int, metavar="K",
-                   help="a line of metrics.jsonl (loss, error, lr, images/s) every K iterations (default 10)")
     g.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +393,8 @@ def add_detect_commands(sub) -> None:
     groups = argument_groups(p)
     add_run_arguments(groups, model="backbone: a name from `resnetlab models` (e.g. resnet101, plain34) or vgg16",
                       data="coco:PATH (annotations/instances_<split>.json + <split>/) or voc:PATH (VOCdevkit/VOC2007)",
-                      recipe="preset: voc (default), coco (the paper's) or small (CPU checks)")
+                      recipe="preset: voc (default), coco (the paper's) or small (CPU checks)",
+                      evaluated="mAP on the evaluation split", logged="the losses, lr, images/s")
     g = groups[DATA]
     g.add_argument("--train-split", help="default: train2017 (COCO), trainval (VOC)")
     g.add_argument("--eval-split", help="default: val2017 (COCO), test (VOC)")
@@ -405,16 +409,6 @@ def add_detect_commands(sub) -> None:
     g.add_argument("--images-per-batch", type=int, help="images per SGD step (voc: 1, coco: 8)")
     g.add_argument("--lr", type=float, help="the learning rate SGD starts from (paper: 0.001)")
     g.add_argument("--seed", type=int, help="seeds the initial weights, the image order and the flips (default 0)")
-    groups[COMPUTE].add_argument("--device", help="auto (default: CUDA when present), cpu or cuda")
-    g = groups[LOGGING]
-    g.add_argument("--checkpoint-every", type=int, metavar="K",
-                   help="write checkpoint.pt every K iterations as well as at the end (default 0: at the end only)")
-    g.add_argument("--eval-every", type=int, metavar="K",
-                   help="measure mAP on the evaluation split every K iterations as well as at the end (default 0: "
-                   "at the end only)")
-    g.add_argument("--log-every", type=int, metavar="K",
-                   help="a line of metrics.jsonl (the losses, lr, images/s) every K iterations (default 10)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_detect_train)
 
     p = sub.add_parser("evaluate", help="COCO mAP (pycocotools) or VOC AP per class of a trained detector")
