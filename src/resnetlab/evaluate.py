@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,11 +39,13 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from resnetlab.checkpoint import checkpoint_path, load_model
-from resnetlab.data.augment import CenterCrop, Normalize, resize_shorter
+from resnetlab.data.augment import PAPER_SIZES, Normalize, resize_shorter
 from resnetlab.data.formats import PILLOW_DECODE_ERRORS, ArrayDataset, DatasetSpec, FolderDataset, load_dataset
 from resnetlab.export import fast_inference
 from resnetlab.precision import Precision, autocast, inference_device, resolve_precision
+from resnetlab.progress import Progress
 from resnetlab.quantize import int8_inference, run_calibration_batch
+from resnetlab.recipes import recorded_resolution
 
 MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
@@ -57,11 +60,13 @@ TEN_CROP_VIEWS = 10
 def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize, *,
                         device: torch.device, batch_size: int = 500, precision: Precision = "fp32",
                         memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
-                        limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax scores (N, classes) of the un-augmented images, in eval mode, and their labels."""
+                        limit: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax scores (N, classes) of the un-augmented images, in eval mode, and their labels. With `progress`, a
+    progress line of that label counts the images."""
     was_training = model.training
     model.eval()
     scores, labels = [], []
+    bar = images_progress(data, limit, progress)
     try:
         for images, batch_labels in data.evaluation_batches(batch_size, workers, limit):
             x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
@@ -69,16 +74,24 @@ def class_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, no
                 logits = model(x)
             scores.append(logits.float().softmax(1).cpu())
             labels.append(batch_labels)
+            bar.update(bar.position + len(batch_labels))
     finally:
         model.train(was_training)
+        bar.close()
     return torch.cat(scores), torch.cat(labels)
+
+
+def images_progress(data: ArrayDataset | FolderDataset, limit: int | None, label: str | None) -> Progress:
+    """A progress line over the images an evaluation reads (shown only with a label)."""
+    total = len(data) if limit is None else min(limit, len(data))
+    return Progress(total, label or "", enabled=label is not None)
 
 
 @torch.no_grad()
 def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, normalize: Normalize,
                        mode: str = "center", *, device: torch.device, padding: int = 4, batch_size: int = 500,
-                       precision: Precision = "fp32", workers: int = 0,
-                       limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       precision: Precision = "fp32", workers: int = 0, limit: int | None = None,
+                       progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores (N, classes) in a testing `mode` (see the module docstring), and the labels.
 
     `padding` is the training padding of array images at 32x32 (the recipe's `padding`), used by ``10crop``.
@@ -88,7 +101,7 @@ def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, nor
     check_mode(mode)
     if mode == "center":
         return class_probabilities(model, data, normalize, device=device, batch_size=batch_size,
-                                   precision=precision, workers=workers, limit=limit)
+                                   precision=precision, workers=workers, limit=limit, progress=progress)
     was_training = model.training
     model.eval()
 
@@ -98,6 +111,7 @@ def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, nor
 
     images_per_batch = max(1, batch_size // TEN_CROP_VIEWS) if mode == "10crop" else batch_size
     scores, labels = [], []
+    bar = images_progress(data, limit, progress)
     try:
         for images, batch_labels in data.test_views(mode, images_per_batch, workers, limit, padding):
             images = images.to(device, non_blocking=True)
@@ -109,8 +123,10 @@ def mode_probabilities(model: nn.Module, data: ArrayDataset | FolderDataset, nor
                 sides = multiscale_sides(training_side(normalize))
                 scores.append(torch.stack([softmax(resize_shorter(x, side)) for side in sides]).mean(0).cpu())
             labels.append(batch_labels)
+            bar.update(bar.position + len(batch_labels))
     finally:
         model.train(was_training)
+        bar.close()
     return torch.cat(scores), torch.cat(labels)
 
 
@@ -167,23 +183,28 @@ def load_models(checkpoints: Sequence[str | Path], device: torch.device) -> list
 
 def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: ArrayDataset | FolderDataset,
                            mode: str = "center", *, device: torch.device, batch_size: int = 500,
-                           precision: Precision = "fp32", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                           precision: Precision = "fp32", workers: int = 0,
+                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores of `data` averaged over the (model, checkpoint) pairs of `load_models` (one: its own
-    scores), each with its own normalization and training padding; and the labels."""
+    scores), each with its own normalization and training padding; and the labels. With `progress`, a progress
+    line per model."""
     scores, labels = [], None
-    for model, state in models:
+    for number, (model, state) in enumerate(models, start=1):
         recipe = state.get("config", {}).get("recipe", {})
+        label = f"{mode} {number}/{len(models)}" if progress else None
         model_scores, labels = mode_probabilities(
             model, data, Normalize.from_state_dict(state["normalize"]), mode, device=device,
-            padding=recipe.get("padding", 4), batch_size=batch_size, precision=precision, workers=workers)
+            padding=recipe.get("padding", 4), batch_size=batch_size, precision=precision, workers=workers,
+            progress=label)
         scores.append(model_scores)
     return torch.stack(scores).mean(0), labels
 
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, mode: str = "center", *,
                          device: str = "auto", batch_size: int = 500, workers: int = 0, precision: str = "fp32",
-                         calibration_data: str | None = None) -> dict:
-    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on).
+                         calibration_data: str | None = None, progress: bool = False) -> dict:
+    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on),
+    its images seen at the resolution the checkpoints were trained at.
 
     `precision`: fp32 (the model as trained), bf16 (autocast), int8 (`quantize`: each checkpoint calibrated on
     the training split of `calibration_data`, by default its own run's dataset), or auto (`resolve_precision`)."""
@@ -200,7 +221,13 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     spec = data or first.get("config", {}).get("data")
     if not spec:
         raise ValueError(f"{checkpoint_path(checkpoints[0])} does not record its dataset; give --data")
-    splits = load_dataset(spec)
+    resolution = recorded_resolution(first)
+    others = [checkpoint_path(path) for path, (_, state) in zip(checkpoints, models)
+              if recorded_resolution(state) != resolution]
+    if others:
+        raise ValueError(f"cannot ensemble networks trained at other image resolutions: {others[0]} was not trained "
+                         f"at {checkpoint_path(checkpoints[0])}'s --resolution {resolution:g}")
+    splits = load_dataset(spec, resolution=resolution)
     if mode == "10crop" and not splits.flip:
         raise ValueError(f"--mode 10crop averages mirrored views, but {spec} is never mirrored in training (a "
                          f"mirrored digit is another glyph; a MNIST net errs on 71% of them): use --mode center")
@@ -212,7 +239,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         models = [(int8_inference(model, run_calibration_batch(state, calibration_data)), state)
                   for model, state in models]
     scores, labels = ensemble_probabilities(models, splits.test, mode, device=target, batch_size=batch_size,
-                                            precision=precision, workers=workers)
+                                            precision=precision, workers=workers, progress=progress)
     return {"checkpoints": [str(checkpoint_path(path)) for path in checkpoints], "data": spec, "mode": mode,
             "precision": precision, "images": len(labels), "top1_error": top_k_error(scores, labels, 1),
             "top5_error": top_k_error(scores, labels, 5)}
@@ -234,11 +261,17 @@ def prediction_input(path: str | Path, channels: int, side: int, border: float) 
     return pixels[None] if channels == 1 else pixels.permute(2, 0, 1)
 
 
+class Prediction(NamedTuple):
+    name: str  # what people call the class ("tench"), from the training folder's synsets.txt where it had one
+    probability: float
+    label: str  # the class as the data names it: a CIFAR class, a digit, a class folder ("n01440764")
+
+
 @torch.no_grad()
 def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
             device: str = "auto", precision: str = "auto", calibration_data: str | None = None
-            ) -> list[list[tuple[str, float]]]:
-    """The k most probable (class name, probability) of each image, most probable first.
+            ) -> list[list[Prediction]]:
+    """The k most probable classes of each image, most probable first.
 
     Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
     the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
@@ -256,12 +289,13 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     channels = state["model_kwargs"].get("in_channels", 3)
     side = training_side(normalize)
     spec = state.get("config", {}).get("data")
-    validation = CenterCrop()
+    validation = PAPER_SIZES  # the border the validation crop removes is the same fraction at any resolution
     border = (1 - validation.crop / validation.resize) / 2 if spec and DatasetSpec.parse(spec).kind == "folder" else 0.0
     images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
     network = (int8_inference(model, run_calibration_batch(state, calibration_data)) if precision == "int8"
                else fast_inference(model.to(target), precision=precision))
     scores = network(normalize(images.to(target))).softmax(1).cpu()
     top = scores.topk(min(k, scores.shape[1]), dim=1)
-    return [[(state["classes"][i], p) for i, p in zip(indices.tolist(), probs.tolist())]
+    names = state.get("class_names", state["classes"])
+    return [[Prediction(names[i], p, state["classes"][i]) for i, p in zip(indices.tolist(), probs.tolist())]
             for indices, probs in zip(top.indices, top.values)]

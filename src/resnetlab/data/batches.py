@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from resnetlab.data.augment import CenterCrop, ScaleAugment, random_crop_flip
+from resnetlab.data.augment import random_crop_flip
 
 if TYPE_CHECKING:  # the datasets call these functions: formats imports this module
     from resnetlab.data.formats import ArrayDataset, FolderDataset
@@ -83,19 +83,17 @@ class _IterationSampler(torch.utils.data.Sampler):
 
 def folder_batches(data: FolderDataset, *, batch_size: int, seed: int, start: int, stop: int, flip: bool,
                    workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 224x224 batches of an image folder: scale augmentation decoded with Pillow in DataLoader workers.
+    """uint8 batches of an image folder at its crop size (224 at resolution 1): the scale augmentation of
+    `data.sizes`, decoded with Pillow in DataLoader workers.
     The batch indices follow (seed, iteration) exactly; the random scales and crops are seeded per worker and
     per process (the same seed in every process would give their workers the same draws)."""
     augmented = copy.copy(data)
-    augmented.transform = ScaleAugment(flip=flip, seed=seed + rank * _RANK_STREAM)
+    augmented.transform = data.sizes.training_view(flip=flip, seed=seed + rank * _RANK_STREAM)
     sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
     loader = torch.utils.data.DataLoader(
         augmented, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed * _AUGMENT_STREAM + start), timeout=300 if workers else 0)
     yield from loader
-
-
-VALIDATION_VIEW = CenterCrop()  # of a folder image: shorter side resized to 256, the central 224x224
 
 
 def array_evaluation_batches(data: ArrayDataset, batch_size: int, limit: int | None = None
@@ -106,14 +104,11 @@ def array_evaluation_batches(data: ArrayDataset, batch_size: int, limit: int | N
         yield data.images[first:first + batch_size], data.labels[first:first + batch_size]
 
 
-def folder_evaluation_batches(data: FolderDataset, batch_size: int, workers: int = 0, limit: int | None = None, *,
-                              transform: Callable | None = VALIDATION_VIEW
-                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches in order, each image through `transform` (by default resize 256 and center 224 crop; None
-    keeps each image whole, which needs batch_size 1 as sizes differ)."""
-    count = len(data) if limit is None else min(limit, len(data))
+def folder_evaluation_batches(data: FolderDataset, batch_size: int, workers: int = 0, *,
+                              transform: Callable | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches in order, each image through `transform` (None keeps each image whole, which needs batch_size 1
+    as sizes differ)."""
     viewed = copy.copy(data)
     viewed.transform = transform
-    subset = torch.utils.data.Subset(viewed, range(count))
-    yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+    yield from torch.utils.data.DataLoader(viewed, batch_size=batch_size, num_workers=workers,
                                            timeout=300 if workers else 0)

@@ -32,7 +32,7 @@ import urllib.request
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnetlab.data.augment import FolderTenCrops, ten_crops
+from resnetlab.data.augment import PAPER_SIZES, ImageSizes, ten_crops
 from resnetlab.data.batches import (
     array_batches,
     array_evaluation_batches,
@@ -136,13 +136,14 @@ class FolderDataset(torch.utils.data.Dataset):
     validation folder can reuse the training folder's list). At construction every file's header is opened
     (cheap: no pixel decoding); empty files and files Pillow does not recognise are left out and listed in
     ``skipped`` as (path, reason). ``transform`` maps the RGB PIL image to a tensor; with None an item is the full
-    image as a uint8 (3, H, W) tensor.
+    image as a uint8 (3, H, W) tensor. ``sizes`` are those of the training and testing views (ImageSizes).
     """
 
     def __init__(self, root: Path, transform: Callable[[Image.Image], torch.Tensor] | None,
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, sizes: ImageSizes = PAPER_SIZES) -> None:
         self.root = Path(root)
         self.transform = transform
+        self.sizes = sizes
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder: no directory {self.root}: expected one subfolder per class holding "
                                     f"{'/'.join(IMAGE_SUFFIXES)} files")
@@ -209,20 +210,30 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def evaluation_batches(self, batch_size: int, workers: int = 0, limit: int | None = None
                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return folder_evaluation_batches(self, batch_size, workers, limit)
+        return folder_evaluation_batches(self.bounded(limit), batch_size, workers, transform=self.sizes.center_view())
+
+    def bounded(self, limit: int | None) -> FolderDataset:
+        """At most `limit` images, evenly spaced: the images are in class order, so the first ones would be one
+        class."""
+        return self if limit is None or limit >= len(self) else self.subset(evenly_spaced(len(self), limit))
 
     def normalization_images(self) -> torch.Tensor:
-        """Up to 2,000 center crops: enough for a per-pixel mean, without decoding a whole large folder."""
+        """Up to 2,000 center crops of all classes: enough for a per-pixel mean, without decoding a large folder."""
         return torch.cat([images for images, _ in self.evaluation_batches(250, limit=2000)])
 
     def test_views(self, mode: str, batch_size: int, workers: int, limit: int | None, padding: int
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """10crop: (10, N, 3, 224, 224) crops of the images resized to 256; multiscale: each image whole, one at a
-        time, since their sizes differ."""
+        """10crop: (10, N, 3, crop, crop) crops of the images resized to `sizes.resize` (224 of 256 at resolution 1);
+        multiscale: each image whole, one at a time, since their sizes differ."""
         ten_crop = mode == "10crop"
-        for images, labels in folder_evaluation_batches(self, batch_size if ten_crop else 1, workers, limit,
-                                                        transform=FolderTenCrops() if ten_crop else None):
+        for images, labels in folder_evaluation_batches(self.bounded(limit), batch_size if ten_crop else 1, workers,
+                                                        transform=self.sizes.ten_crop_view() if ten_crop else None):
             yield (images.transpose(0, 1) if ten_crop else images), labels
+
+
+def evenly_spaced(size: int, count: int) -> np.ndarray:
+    """`count` indices (fewer if size is smaller) spread evenly over range(size), first and last included."""
+    return np.unique(np.linspace(0, size - 1, min(count, size)).round().astype(np.int64))
 
 
 # What Pillow raises for a damaged file besides OSError (UnidentifiedImageError is one): ValueError for a PNG whose
@@ -253,13 +264,19 @@ class DataSplits:
     val: ArrayDataset | FolderDataset | None
     classes: list[str]
     in_channels: int
-    image_size: int  # side after loading: 32 for CIFAR and MNIST (padded), 8 for digits, 224 for folder (crop size)
+    image_size: int  # side after loading: 32 for CIFAR and MNIST (padded), 8 for digits; folder: the crop size
     flip: bool  # False for digits: a mirrored digit is another glyph
     note: str  # one line: where the data came from and how it was split
+    names: dict[str, str] = field(default_factory=dict)  # readable names of classes that have one (synsets.txt)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """What a person reads for each class: "tench" for n01440764 where a synsets file names it."""
+        return [self.names.get(name, name) for name in self.classes]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -287,17 +304,21 @@ class DatasetSpec(NamedTuple):
 
 
 def load_dataset(spec: str | DatasetSpec, *, val_size: int = 0, seed: int = 0, download: bool = False,
-                 cache_dir: Path | None = None) -> DataSplits:
+                 cache_dir: Path | None = None, resolution: float = 1.0) -> DataSplits:
     """Load the dataset named by ``spec`` (a string is parsed by :meth:`DatasetSpec.parse`).
 
     ``val_size > 0`` moves that many training images, stratified by class and chosen with ``seed``, into ``val``
     (the paper's CIFAR 45k/5k split is ``val_size=5000``). For cifar10/cifar100/mnist the data directory is PATH,
     or ``cache_dir/<kind>`` (default ``~/.cache/resnetlab``) without one; ``download=True`` fetches the official
-    files there when they are missing.
+    files there when they are missing. ``resolution`` scales every image size of an image folder's views
+    (ImageSizes.scaled); the small datasets are used at their own size.
     """
     kind, path = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
+    if resolution != 1 and kind != "folder":
+        raise ValueError(f"--resolution {resolution:g} scales the image sizes of folder data (the ImageNet recipe); "
+                         f"{kind} images are used at their own size: leave it at 1")
     if kind in ("cifar10", "cifar100", "mnist") and path is None:
         path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / kind
     if kind in ("cifar10", "cifar100"):
@@ -307,7 +328,7 @@ def load_dataset(spec: str | DatasetSpec, *, val_size: int = 0, seed: int = 0, d
     elif kind == "digits":
         splits = _load_digits()
     else:
-        splits = _load_folder(path)
+        splits = _load_folder(path, ImageSizes.scaled(resolution))
     if val_size == 0:
         return splits
     if val_size >= len(splits.train):
@@ -602,21 +623,38 @@ def _load_digits() -> DataSplits:
 _FOLDER_TEST_FRACTION = 0.2
 
 
-def _load_folder(root: Path) -> DataSplits:
+CLASS_NAME_FILES = ("synsets.txt", "classes.txt")  # "n01440764 tench" lines, ImageNet's LOC_synset_mapping form
+
+
+def read_class_names(root: Path) -> dict[str, str]:
+    """Readable class names from the first of CLASS_NAME_FILES in `root`: each line is a class folder's name, a
+    space and the name people use; a line with the folder name alone names nothing."""
+    path = next((root / name for name in CLASS_NAME_FILES if (root / name).is_file()), None)
+    if path is None:
+        return {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"folder: cannot read the class names in {path}: {error}") from None
+    pairs = (line.strip().split(None, 1) for line in lines)
+    return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
+
+
+def _load_folder(root: Path, sizes: ImageSizes) -> DataSplits:
     if not root.is_dir():
         raise FileNotFoundError(f"folder: no directory {root}: expected root/train/<class>/ and root/val/<class>/ "
                                 f"(or root/<class>/ to split 80/20) holding {'/'.join(IMAGE_SUFFIXES)} files")
     # ImageNet's labelled evaluation set is val/, so it is the test set when both val/ and test/ exist.
     test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
-        train = FolderDataset(root / "train", None)
-        test = FolderDataset(test_dir, None, classes=train.classes)
+        train = FolderDataset(root / "train", None, sizes=sizes)
+        test = FolderDataset(test_dir, None, classes=train.classes, sizes=sizes)
         skipped = len(train.skipped) + len(test.skipped)
         note = (f"image folders {root / 'train'} ({len(train):,} images, {len(train.classes)} classes) and "
                 f"{test_dir} ({len(test):,} images)")
     else:
         base = root / "train" if (root / "train").is_dir() else root
-        whole = FolderDataset(base, None)
+        whole = FolderDataset(base, None, sizes=sizes)
         train_idx, test_idx = stratified_split(whole.labels.numpy(), round(_FOLDER_TEST_FRACTION * len(whole)),
                                                FIXED_SPLIT_SEED)
         train, test = whole.subset(train_idx), whole.subset(test_idx)
@@ -625,8 +663,8 @@ def _load_folder(root: Path) -> DataSplits:
                 f"80/20 into {len(train):,} train / {len(test):,} test (fixed seed {FIXED_SPLIT_SEED})")
     if skipped:
         note += f"; skipped {skipped} unreadable files (see .skipped)"
-    return DataSplits("folder", train, test, None, train.classes, in_channels=3, image_size=224, flip=True,
-                      note=note)
+    return DataSplits("folder", train, test, None, train.classes, in_channels=3, image_size=sizes.crop, flip=True,
+                      note=note, names=read_class_names(root))
 
 
 # --------------------------------------------------------------------------------------------------------------
