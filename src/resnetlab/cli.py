@@ -54,7 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.mode,
                                   batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                                  calibration_data=args.calibration_data)
+                                  calibration_data=args.calibration_data, progress=True)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -66,13 +66,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
     from resnetlab.inference import predict
 
-    for path, ranking in zip(args.images, predict(args.checkpoint, args.images, args.top, precision=args.precision,
-                                                    calibration_data=args.calibration_data)):
+    rankings = predict(args.checkpoint, args.images, args.top, precision=args.precision,
+                       calibration_data=args.calibration_data)
+    if args.json:
+        print(json.dumps([{"image": path, "top": [p._asdict() for p in ranking]}
+                          for path, ranking in zip(args.images, rankings)], indent=2))
+        return 0
+    for path, ranking in zip(args.images, rankings):
         print(path)
-        for name, probability in ranking:
-            print(f"  {probability:8.4f}  {name}")
+        for prediction in ranking:
+            print(f"  {prediction.probability:8.4f}  {prediction.name}")
     return 0
 
 
@@ -240,6 +247,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-size", type=int, help="training images held out for validation (paper CIFAR: 5000)")
     g.add_argument("--padding", type=int, metavar="PIXELS",
                    help="array images are padded by this much before the random crop (at 32x32; paper: 4)")
+    g.add_argument("--resolution", type=float, metavar="FACTOR",
+                   help="image folders: every image size of the ImageNet recipe times FACTOR (0.5: 112x112 crops of "
+                   "images resized to [128, 240], tested on 112 of 128; default 1: the paper's 224 of [256, 480])")
     g.add_argument("--per-channel-std", action=argparse.BooleanOptionalAction, default=None,
                    help="also divide by each channel's std (unit-variance input, as ImageNet weights expect)")
     g.add_argument("--workers", type=int, help="DataLoader processes for image folders")
@@ -291,6 +301,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = groups[LOGGING]
     g.add_argument("--train-eval-size", type=int, metavar="N",
                    help="the final training error is measured on at most N training images (default 10000)")
+    g.add_argument("--test-eval-size", type=int, metavar="N", help="evaluate at most N held-out images (validation "
+                   "and test; evenly spaced over an image folder's classes); default: all")
     g.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
 
@@ -330,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS,
                    help="auto (default): bf16 where the CPU has AMX, else fp32; int8: quantized (CPU, ONNX Runtime)")
     add_calibration_argument(p)
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON: each class's name (from the "
+                   "training folder's synsets.txt, if it had one), probability and label (its folder's name)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("detect", help="Faster R-CNN object detection on a ResNet or VGG-16 backbone (paper Sec. 4.3; "
@@ -355,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")
-    p.add_argument("experiment", choices=["table1", "degradation", "shortcuts", "depth", "responses"],
+    p.add_argument("experiment", choices=["table1", "degradation", "shortcuts", "depth", "responses", "table2"],
                    help="the paper's table or figure to reproduce")
     p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, *.png and runs/ go here")
     p.add_argument("--data", help="dataset spec (default: digits)")

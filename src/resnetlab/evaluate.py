@@ -40,6 +40,7 @@ from resnetlab.data.augment import Normalize, resize_shorter
 from resnetlab.data.datasets import ImageDataset
 from resnetlab.factory import load_model
 from resnetlab.precision import Precision, autocast
+from resnetlab.progress import Progress
 
 MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
@@ -54,11 +55,13 @@ TEN_CROP_VIEWS = 10
 def class_probabilities(model: nn.Module, data: ImageDataset, normalize: Normalize, *,
                         device: torch.device, batch_size: int = 500, precision: Precision = "fp32",
                         memory_format: torch.memory_format = torch.contiguous_format, workers: int = 0,
-                        limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax scores (N, classes) of the un-augmented images, in eval mode, and their labels."""
+                        limit: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax scores (N, classes) of the un-augmented images, in eval mode, and their labels. With `progress`, a
+    progress line of that label counts the images."""
     was_training = model.training
     model.eval()
     scores, labels = [], []
+    bar = images_progress(data, limit, progress)
     try:
         for images, batch_labels in data.evaluation_batches(batch_size, workers, limit):
             x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
@@ -66,16 +69,24 @@ def class_probabilities(model: nn.Module, data: ImageDataset, normalize: Normali
                 logits = model(x)
             scores.append(logits.float().softmax(1).cpu())
             labels.append(batch_labels)
+            bar.update(bar.position + len(batch_labels))
     finally:
         model.train(was_training)
+        bar.close()
     return torch.cat(scores), torch.cat(labels)
+
+
+def images_progress(data: ImageDataset, limit: int | None, label: str | None) -> Progress:
+    """A progress line over the images an evaluation reads (shown only with a label)."""
+    total = len(data) if limit is None else min(limit, len(data))
+    return Progress(total, label or "", enabled=label is not None)
 
 
 @torch.no_grad()
 def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normalize,
                        mode: str = "center", *, device: torch.device, padding: int = 4, batch_size: int = 500,
-                       precision: Precision = "fp32", workers: int = 0,
-                       limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       precision: Precision = "fp32", workers: int = 0, limit: int | None = None,
+                       progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores (N, classes) in a testing `mode` (see the module docstring), and the labels.
 
     `padding` is the training padding of array images at 32x32 (the recipe's `padding`), used by ``10crop``.
@@ -85,7 +96,7 @@ def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normaliz
     check_mode(mode)
     if mode == "center":
         return class_probabilities(model, data, normalize, device=device, batch_size=batch_size,
-                                   precision=precision, workers=workers, limit=limit)
+                                   precision=precision, workers=workers, limit=limit, progress=progress)
     was_training = model.training
     model.eval()
 
@@ -95,6 +106,7 @@ def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normaliz
 
     images_per_batch = max(1, batch_size // TEN_CROP_VIEWS) if mode == "10crop" else batch_size
     scores, labels = [], []
+    bar = images_progress(data, limit, progress)
     try:
         for images, batch_labels in data.test_views(mode, images_per_batch, workers, limit, padding):
             images = images.to(device, non_blocking=True)
@@ -106,8 +118,10 @@ def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normaliz
                 sides = multiscale_sides(training_side(normalize))
                 scores.append(torch.stack([softmax(resize_shorter(x, side)) for side in sides]).mean(0).cpu())
             labels.append(batch_labels)
+            bar.update(bar.position + len(batch_labels))
     finally:
         model.train(was_training)
+        bar.close()
     return torch.cat(scores), torch.cat(labels)
 
 
@@ -164,14 +178,18 @@ def load_models(checkpoints: Sequence[str | Path], device: torch.device) -> list
 
 def ensemble_probabilities(models: Sequence[tuple[nn.Module, dict]], data: ImageDataset,
                            mode: str = "center", *, device: torch.device, batch_size: int = 500,
-                           precision: Precision = "fp32", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                           precision: Precision = "fp32", workers: int = 0,
+                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores of `data` averaged over the (model, checkpoint) pairs of `load_models` (one: its own
-    scores), each with its own normalization and training padding; and the labels."""
+    scores), each with its own normalization and training padding; and the labels. With `progress`, a progress
+    line per model."""
     scores, labels = [], None
-    for model, state in models:
+    for number, (model, state) in enumerate(models, start=1):
         recipe = state.get("config", {}).get("recipe", {})
+        label = f"{mode} {number}/{len(models)}" if progress else None
         model_scores, labels = mode_probabilities(
             model, data, Normalize.from_state_dict(state["normalize"]), mode, device=device,
-            padding=recipe.get("padding", 4), batch_size=batch_size, precision=precision, workers=workers)
+            padding=recipe.get("padding", 4), batch_size=batch_size, precision=precision, workers=workers,
+            progress=label)
         scores.append(model_scores)
     return torch.stack(scores).mean(0), labels

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from PIL import Image, ImageOps
 
 from resnetlab.checkpoint import checkpoint_path
 from resnetlab.complexity import native_input_size
-from resnetlab.data.augment import CenterCrop, Normalize
+from resnetlab.data.augment import PAPER_SIZES, Normalize
 from resnetlab.data.datasets import PILLOW_DECODE_ERRORS
 from resnetlab.data.spec import DatasetSpec, load_dataset
 from resnetlab.evaluate import (
@@ -38,6 +39,7 @@ from resnetlab.files import write_atomically
 from resnetlab.models import model_family
 from resnetlab.precision import EXPORT_PRECISIONS, inference_device, resolve_precision
 from resnetlab.quantize import int8_inference, quantized_onnx, run_calibration_batch
+from resnetlab.recipes import recorded_resolution
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -45,8 +47,9 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, mode: str = "center", *,
                          device: str = "auto", batch_size: int = 500, workers: int = 0, precision: str = "fp32",
-                         calibration_data: str | None = None) -> dict:
-    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on).
+                         calibration_data: str | None = None, progress: bool = False) -> dict:
+    """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on),
+    its images seen at the resolution the checkpoints were trained at.
 
     `precision`: fp32 (the model as trained), bf16 (autocast), int8 (`quantize`: each checkpoint calibrated on
     the training split of `calibration_data`, by default its own run's dataset), or auto (`resolve_precision`)."""
@@ -63,7 +66,13 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     spec = data or first.get("config", {}).get("data")
     if not spec:
         raise ValueError(f"{checkpoint_path(checkpoints[0])} does not record its dataset; give --data")
-    splits = load_dataset(spec)
+    resolution = recorded_resolution(first)
+    others = [checkpoint_path(path) for path, (_, state) in zip(checkpoints, models)
+              if recorded_resolution(state) != resolution]
+    if others:
+        raise ValueError(f"cannot ensemble networks trained at other image resolutions: {others[0]} was not trained "
+                         f"at {checkpoint_path(checkpoints[0])}'s --resolution {resolution:g}")
+    splits = load_dataset(spec, resolution=resolution)
     if mode == "10crop" and not splits.flip:
         raise ValueError(f"--mode 10crop averages mirrored views, but {spec} is never mirrored in training (a "
                          f"mirrored digit is another glyph; a MNIST net errs on 71% of them): use --mode center")
@@ -75,7 +84,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         models = [(int8_inference(model, run_calibration_batch(state, calibration_data)), state)
                   for model, state in models]
     scores, labels = ensemble_probabilities(models, splits.test, mode, device=target, batch_size=batch_size,
-                                            precision=precision, workers=workers)
+                                            precision=precision, workers=workers, progress=progress)
     return {"checkpoints": [str(checkpoint_path(path)) for path in checkpoints], "data": spec, "mode": mode,
             "precision": precision, "images": len(labels), "top1_error": top_k_error(scores, labels, 1),
             "top5_error": top_k_error(scores, labels, 5)}
@@ -97,11 +106,17 @@ def prediction_input(path: str | Path, channels: int, side: int, border: float) 
     return pixels[None] if channels == 1 else pixels.permute(2, 0, 1)
 
 
+class Prediction(NamedTuple):
+    name: str  # what people call the class ("tench"), from the training folder's synsets.txt where it had one
+    probability: float
+    label: str  # the class as the data names it: a CIFAR class, a digit, a class folder ("n01440764")
+
+
 @torch.no_grad()
 def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
             device: str = "auto", precision: str = "auto", calibration_data: str | None = None
-            ) -> list[list[tuple[str, float]]]:
-    """The k most probable (class name, probability) of each image, most probable first.
+            ) -> list[list[Prediction]]:
+    """The k most probable classes of each image, most probable first.
 
     Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
     the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
@@ -119,14 +134,15 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     channels = state["model_kwargs"].get("in_channels", 3)
     side = training_side(normalize)
     spec = state.get("config", {}).get("data")
-    validation = CenterCrop()
+    validation = PAPER_SIZES  # the border the validation crop removes is the same fraction at any resolution
     border = (1 - validation.crop / validation.resize) / 2 if spec and DatasetSpec.parse(spec).kind == "folder" else 0.0
     images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
     network = (int8_inference(model, run_calibration_batch(state, calibration_data)) if precision == "int8"
                else fast_inference(model.to(target), precision=precision))
     scores = network(normalize(images.to(target))).softmax(1).cpu()
     top = scores.topk(min(k, scores.shape[1]), dim=1)
-    return [[(state["classes"][i], p) for i, p in zip(indices.tolist(), probs.tolist())]
+    names = state.get("class_names", state["classes"])
+    return [[Prediction(names[i], p, state["classes"][i]) for i, p in zip(indices.tolist(), probs.tolist())]
             for indices, probs in zip(top.indices, top.values)]
 
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from resnetlab.data.augment import Normalize
-from resnetlab.data.datasets import ImageDataset
+from resnetlab.data.datasets import ImageDataset, evenly_spaced
 from resnetlab.data.spec import load_dataset
 from resnetlab.export import fold_batchnorm, write_onnx
+from resnetlab.recipes import recorded_resolution
 
 # Enough images for stable activation ranges (ONNX Runtime's MinMax calibration); more only costs time.
 CALIBRATION_IMAGES = 256
@@ -41,7 +42,7 @@ def calibration_batch(data: ImageDataset, normalize: Normalize,
     """`count` images evenly spaced through `data`, in their validation view, normalized: float (N, C, H, W)."""
     if len(data) == 0:
         raise ValueError("cannot calibrate int8 on an empty dataset")
-    spaced = data.subset(np.unique(np.linspace(0, len(data) - 1, min(count, len(data))).round().astype(np.int64)))
+    spaced = data.subset(evenly_spaced(len(data), count))
     images = torch.cat([images for images, _ in spaced.evaluation_batches(250)])
     return normalize(images)
 
@@ -53,7 +54,7 @@ def run_calibration_batch(state: dict, data: str | None = None, count: int = CAL
         raise ValueError("--precision int8 calibrates on the run's training images, but the checkpoint does not "
                          "record its dataset: give --calibration-data SPEC")
     try:
-        train = load_dataset(spec).train
+        train = load_dataset(spec, resolution=recorded_resolution(state)).train
     except FileNotFoundError as error:
         raise FileNotFoundError(f"--precision int8 calibrates on the training images of {spec}, which cannot be "
                                 f"read ({error}); give --calibration-data SPEC") from None

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from resnetlab.data.augment import ImageSizes
 from resnetlab.data.spec import SPEC_FORMS, DatasetSpec
 from resnetlab.models import MODELS, SHORTCUTS
 from resnetlab.precision import Precision, check_precision
@@ -24,6 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda")
+MIN_CROP = 32  # the ImageNet networks divide their input by 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class Recipe:
     warmup_until_error: float = 0.8
     padding: int = 4  # pixels at 32x32 (smaller images in proportion, data.batches.padding_for)
     per_channel_std: bool = False  # the paper subtracts the per-pixel mean only
+    # Image folders: every image size of Sec. 3.4 times this (data.augment.ImageSizes): 0.5 trains 112x112 crops of
+    # images resized to a shorter side in [128, 240] and validates on 112 of 128, so the ImageNet networks train on a
+    # small machine in the paper's proportions.
+    resolution: float = 1.0
 
     def with_iterations(self, iterations: int) -> Recipe:
         """The same recipe over `iterations`: the lr milestones keep their place relative to the end."""
@@ -93,6 +99,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: checkpoint only at the end
     eval_batch_size: int = 500
     train_eval_size: int = 10_000  # the final training error is measured on at most this many training images
+    test_eval_size: int | None = None  # held-out (val, test) images evaluated; None: all of them
     workers: int = 2  # DataLoader processes for image-folder data
     download: bool = False
     sync_bn: bool = False  # distributed runs: batch statistics over all processes
@@ -112,6 +119,11 @@ class TrainConfig:
         recipe = {key: value for key, value in recipe.items() if key != "augment"}
         recipe = Recipe(**{**recipe, "lr_milestones": tuple(recipe["lr_milestones"])})
         return cls(recipe=recipe, **values)
+
+
+def recorded_resolution(state: dict) -> float:
+    """The image resolution factor a checkpoint's run trained at (1 for runs from before the setting existed)."""
+    return state.get("config", {}).get("recipe", {}).get("resolution", 1.0)
 
 
 RUN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "recipe")
@@ -185,7 +197,7 @@ def validate(config: TrainConfig) -> None:
     r = config.recipe
     for name in ("batch_size", "iterations"):
         check_positive_int(name, getattr(r, name))
-    for name in ("lr", "warmup_lr"):
+    for name in ("lr", "warmup_lr", "resolution"):
         check_positive_float(name, getattr(r, name))
     for name in ("momentum", "weight_decay"):
         value = getattr(r, name)
@@ -195,6 +207,9 @@ def validate(config: TrainConfig) -> None:
         value = getattr(r, name)
         if not is_real(value) or not 0 < value <= 1:
             raise ValueError(f"--{flag(name)} must be in (0, 1], got {value!r}")
+    if ImageSizes.scaled(r.resolution).crop < MIN_CROP:
+        raise ValueError(f"--resolution {r.resolution:g} makes {ImageSizes.scaled(r.resolution).crop}-pixel crops; "
+                         f"the ImageNet networks need at least {MIN_CROP} (resolution >= {MIN_CROP / 224:.3f})")
     check_milestones(r.lr_milestones)
     for name in ("plateau_patience", "warmup_min_depth", "padding"):
         check_non_negative_int(name, getattr(r, name))
@@ -207,6 +222,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--seed must be below 2**32, got {config.seed}")
     for name in ("log_every", "eval_batch_size", "train_eval_size"):
         check_positive_int(name, getattr(config, name))
+    if config.test_eval_size is not None:
+        check_positive_int("test_eval_size", config.test_eval_size)
     for owner, name in ((config, "channels_last"), (config, "compile"), (config, "cuda_graphs"), (config, "download"),
                         (config, "sync_bn"), (config, "activation_checkpointing"), (config, "freeze_backbone"),
                         (config, "tensorboard"), (r, "per_channel_std")):

@@ -100,7 +100,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             record = {"iteration": done, "lr": lr, "train_loss": train_loss, "train_error": train_error,
                       "images_per_second": images_per_second}
             if evaluate_now:  # every process's schedule sees rank 0's errors
-                record.update(distributed.on_main(context, lambda: held_out_errors(run)))
+                record.update(distributed.on_main(context, lambda: held_out_errors(run, show=progress)))
                 run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
             if run.metrics:
                 run.metrics.write(record)
@@ -116,7 +116,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     bar.close()
     if run.metrics:
         run.metrics.close()
-    summary = distributed.on_main(context, lambda: finish(run, run.elapsed + time.perf_counter() - session_start))
+    summary = distributed.on_main(context, lambda: finish(run, run.elapsed + time.perf_counter() - session_start,
+                                                          show=progress))
     distributed.teardown(context)
     return summary
 
@@ -131,7 +132,8 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     context = distributed.setup(device)
     device = distributed.local_device(device, context)
     precision = resolve_precision(config.precision, device, training=True)
-    data = load_dataset(config.data, val_size=config.val_size, seed=config.seed, download=config.download)
+    data = load_dataset(config.data, val_size=config.val_size, seed=config.seed, download=config.download,
+                        resolution=config.recipe.resolution)
     torch.manual_seed(config.seed)
     model_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
     if config.shortcut is not None:
@@ -210,7 +212,7 @@ def fit_normalize(data: DataSplits, recipe: Recipe) -> Normalize:
     return Normalize.fit(data.train.normalization_images(), per_channel_std=recipe.per_channel_std)
 
 
-def held_out_errors(run: Run) -> dict:
+def held_out_errors(run: Run, show: bool = False) -> dict:
     errors = {}
     for split in ("val", "test"):
         dataset = getattr(run.data, split)
@@ -218,7 +220,8 @@ def held_out_errors(run: Run) -> dict:
             scores, labels = class_probabilities(
                 run.network, dataset, run.normalize, device=run.device, batch_size=run.config.eval_batch_size,
                 precision=run.precision, memory_format=memory_format(run.config.channels_last),
-                workers=run.config.workers)
+                workers=run.config.workers, limit=run.config.test_eval_size,
+                progress=f"{split} error" if show else None)
             errors[f"{split}_error"] = top_k_error(scores, labels, 1)
             errors[f"{split}_top5_error"] = top_k_error(scores, labels, 5)
     return errors
@@ -228,6 +231,7 @@ def save_state(run: Run, iteration: int, elapsed: float) -> None:
     if run.context.is_main:
         save_checkpoint({
             "model_name": run.config.model, "model_kwargs": run.model_kwargs, "classes": run.data.classes,
+            "class_names": run.data.class_names,
             "normalize": run.normalize.state_dict(), "model": run.network.state_dict(),
             "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
             "iteration": iteration, "elapsed_seconds": elapsed, "rng": {"torch": torch.get_rng_state()},
@@ -236,14 +240,15 @@ def save_state(run: Run, iteration: int, elapsed: float) -> None:
     distributed.barrier(run.context)
 
 
-def finish(run: Run, wall_seconds: float) -> dict:
+def finish(run: Run, wall_seconds: float, show: bool = False) -> dict:
     """Final errors, summary.json and the plain weights (in rank 0 alone in a distributed run)."""
     config = run.config
     layout = memory_format(config.channels_last)
     scores, labels = class_probabilities(run.network, run.data.train, run.normalize, device=run.device,
                                          batch_size=config.eval_batch_size, precision=run.precision,
-                                         memory_format=layout, workers=config.workers, limit=config.train_eval_size)
-    held_out = held_out_errors(run)
+                                         memory_format=layout, workers=config.workers, limit=config.train_eval_size,
+                                         progress="final training error" if show else None)
+    held_out = held_out_errors(run, show)
     summary = {
         "model": config.model, "dataset": config.data, "data_note": run.data.note,
         "iterations": config.recipe.iterations, "train_top1_error": top_k_error(scores, labels, 1),

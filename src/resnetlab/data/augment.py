@@ -194,6 +194,34 @@ def _resized_crop(img: Image.Image, resized: tuple[int, int], left: int, top: in
     return torch.from_numpy(np.array(window)).permute(2, 0, 1).contiguous()
 
 
+class ImageSizes(NamedTuple):
+    """The image sizes of the paper's ImageNet pipeline (Sec. 3.4): training images resized to a shorter side in
+    [min_size, max_size] and cropped to crop x crop; validation and 10-crop views from the shorter side resized to
+    `resize`. `scaled` multiplies all of them by one factor, so that a small machine trains the paper's networks on
+    smaller images in the paper's proportions (multi-scale testing follows the crop: evaluate.multiscale_sides)."""
+
+    min_size: int = 256
+    max_size: int = 480
+    crop: int = 224
+    resize: int = 256
+
+    @classmethod
+    def scaled(cls, resolution: float) -> ImageSizes:
+        return cls(*(round(size * resolution) for size in cls()))
+
+    def center_view(self) -> CenterCrop:
+        return CenterCrop(self.resize, self.crop)
+
+    def ten_crop_view(self) -> FolderTenCrops:
+        return FolderTenCrops(self.resize, self.crop)
+
+    def training_view(self, *, flip: bool, seed: int | None) -> ScaleAugment:
+        return ScaleAugment(self.min_size, self.max_size, self.crop, flip=flip, seed=seed)
+
+
+PAPER_SIZES = ImageSizes()
+
+
 class ScaleCropParams(NamedTuple):
     resized: tuple[int, int]  # (width, height) the image is resized to; min of the two is the sampled scale
     left: int

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from resnetlab.data.augment import CenterCrop, ScaleAugment, random_crop_flip
+from resnetlab.data.augment import random_crop_flip
 
 # Seeds of the permutation and augmentation streams are derived from the run seed with these offsets, so they
 # never coincide with each other or with the seed of the weight initialisation.
@@ -81,20 +81,17 @@ class _IterationSampler(torch.utils.data.Sampler):
 
 def folder_batches(data: torch.utils.data.Dataset, *, batch_size: int, seed: int, start: int, stop: int, flip: bool,
                    workers: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 224x224 batches of an image folder (a dataset with a `transform`, as FolderDataset): scale
-    augmentation decoded with Pillow in DataLoader workers. The batch indices follow (seed, iteration) exactly; the
-    random scales and crops are seeded per worker and per process (the same seed in every process would give their
-    workers the same draws)."""
+    """uint8 batches of an image folder (a dataset with a `transform` and `sizes`, as FolderDataset) at its crop
+    size (224 at resolution 1): the scale augmentation of `data.sizes`, decoded with Pillow in DataLoader workers.
+    The batch indices follow (seed, iteration) exactly; the random scales and crops are seeded per worker and
+    per process (the same seed in every process would give their workers the same draws)."""
     augmented = copy.copy(data)
-    augmented.transform = ScaleAugment(flip=flip, seed=seed + rank * _RANK_STREAM)
+    augmented.transform = data.sizes.training_view(flip=flip, seed=seed + rank * _RANK_STREAM)
     sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
     loader = torch.utils.data.DataLoader(
         augmented, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed * _AUGMENT_STREAM + start), timeout=300 if workers else 0)
     yield from loader
-
-
-VALIDATION_VIEW = CenterCrop()  # of a folder image: shorter side resized to 256, the central 224x224
 
 
 def array_evaluation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, limit: int | None = None
@@ -105,14 +102,11 @@ def array_evaluation_batches(images: torch.Tensor, labels: torch.Tensor, batch_s
         yield images[first:first + batch_size], labels[first:first + batch_size]
 
 
-def folder_evaluation_batches(data: torch.utils.data.Dataset, batch_size: int, workers: int = 0,
-                              limit: int | None = None, *, transform: Callable | None = VALIDATION_VIEW
-                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches in order, each image through `transform` (by default resize 256 and center 224 crop; None
-    keeps each image whole, which needs batch_size 1 as sizes differ)."""
-    count = len(data) if limit is None else min(limit, len(data))
+def folder_evaluation_batches(data: torch.utils.data.Dataset, batch_size: int, workers: int = 0, *,
+                              transform: Callable | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches in order, each image through `transform` (None keeps each image whole, which needs batch_size 1
+    as sizes differ)."""
     viewed = copy.copy(data)
     viewed.transform = transform
-    subset = torch.utils.data.Subset(viewed, range(count))
-    yield from torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers,
+    yield from torch.utils.data.DataLoader(viewed, batch_size=batch_size, num_workers=workers,
                                            timeout=300 if workers else 0)

@@ -14,7 +14,7 @@ import copy
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnetlab.data.augment import FolderTenCrops, ten_crops
+from resnetlab.data.augment import PAPER_SIZES, ImageSizes, ten_crops
 from resnetlab.data.batches import (
     array_batches,
     array_evaluation_batches,
@@ -115,13 +115,14 @@ class FolderDataset(torch.utils.data.Dataset):
     validation folder can reuse the training folder's list). At construction every file's header is opened
     (cheap: no pixel decoding); empty files and files Pillow does not recognise are left out and listed in
     ``skipped`` as (path, reason). ``transform`` maps the RGB PIL image to a tensor; with None an item is the full
-    image as a uint8 (3, H, W) tensor.
+    image as a uint8 (3, H, W) tensor. ``sizes`` are those of the training and testing views (ImageSizes).
     """
 
     def __init__(self, root: Path, transform: Callable[[Image.Image], torch.Tensor] | None,
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, sizes: ImageSizes = PAPER_SIZES) -> None:
         self.root = Path(root)
         self.transform = transform
+        self.sizes = sizes
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder: no directory {self.root}: expected one subfolder per class holding "
                                     f"{'/'.join(IMAGE_SUFFIXES)} files")
@@ -188,20 +189,30 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def evaluation_batches(self, batch_size: int, workers: int = 0, limit: int | None = None
                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return folder_evaluation_batches(self, batch_size, workers, limit)
+        return folder_evaluation_batches(self.bounded(limit), batch_size, workers, transform=self.sizes.center_view())
+
+    def bounded(self, limit: int | None) -> FolderDataset:
+        """At most `limit` images, evenly spaced: the images are in class order, so the first ones would be one
+        class."""
+        return self if limit is None or limit >= len(self) else self.subset(evenly_spaced(len(self), limit))
 
     def normalization_images(self) -> torch.Tensor:
-        """Up to 2,000 center crops: enough for a per-pixel mean, without decoding a whole large folder."""
+        """Up to 2,000 center crops of all classes: enough for a per-pixel mean, without decoding a large folder."""
         return torch.cat([images for images, _ in self.evaluation_batches(250, limit=2000)])
 
     def test_views(self, mode: str, batch_size: int, workers: int, limit: int | None, padding: int
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """10crop: (10, N, 3, 224, 224) crops of the images resized to 256; multiscale: each image whole, one at a
-        time, since their sizes differ."""
+        """10crop: (10, N, 3, crop, crop) crops of the images resized to `sizes.resize` (224 of 256 at resolution 1);
+        multiscale: each image whole, one at a time, since their sizes differ."""
         ten_crop = mode == "10crop"
-        for images, labels in folder_evaluation_batches(self, batch_size if ten_crop else 1, workers, limit,
-                                                        transform=FolderTenCrops() if ten_crop else None):
+        for images, labels in folder_evaluation_batches(self.bounded(limit), batch_size if ten_crop else 1, workers,
+                                                        transform=self.sizes.ten_crop_view() if ten_crop else None):
             yield (images.transpose(0, 1) if ten_crop else images), labels
+
+
+def evenly_spaced(size: int, count: int) -> np.ndarray:
+    """`count` indices (fewer if size is smaller) spread evenly over range(size), first and last included."""
+    return np.unique(np.linspace(0, size - 1, min(count, size)).round().astype(np.int64))
 
 
 # What Pillow raises for a damaged file besides OSError (UnidentifiedImageError is one): ValueError for a PNG whose
@@ -232,13 +243,19 @@ class DataSplits:
     val: ImageDataset | None
     classes: list[str]
     in_channels: int
-    image_size: int  # side after loading: 32 for CIFAR and MNIST (padded), 8 for digits, 224 for folder (crop size)
+    image_size: int  # side after loading: 32 for CIFAR and MNIST (padded), 8 for digits; folder: the crop size
     flip: bool  # False for digits: a mirrored digit is another glyph
     note: str  # one line: where the data came from and how it was split
+    names: dict[str, str] = field(default_factory=dict)  # readable names of classes that have one (synsets.txt)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """What a person reads for each class: "tench" for n01440764 where a synsets file names it."""
+        return [self.names.get(name, name) for name in self.classes]
 
 
 def stratified_split(labels: np.ndarray, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
+from resnetlab.data.augment import ImageSizes
 from resnetlab.data.cifar import load_cifar
 from resnetlab.data.datasets import DataSplits, stratified_split
 from resnetlab.data.digits import load_digits
@@ -42,17 +43,21 @@ class DatasetSpec(NamedTuple):
 
 
 def load_dataset(spec: str | DatasetSpec, *, val_size: int = 0, seed: int = 0, download: bool = False,
-                 cache_dir: Path | None = None) -> DataSplits:
+                 cache_dir: Path | None = None, resolution: float = 1.0) -> DataSplits:
     """Load the dataset named by ``spec`` (a string is parsed by :meth:`DatasetSpec.parse`).
 
     ``val_size > 0`` moves that many training images, stratified by class and chosen with ``seed``, into ``val``
     (the paper's CIFAR 45k/5k split is ``val_size=5000``). For cifar10/cifar100/mnist the data directory is PATH,
     or ``cache_dir/<kind>`` (default ``~/.cache/resnetlab``) without one; ``download=True`` fetches the official
-    files there when they are missing.
+    files there when they are missing. ``resolution`` scales every image size of an image folder's views
+    (ImageSizes.scaled); the small datasets are used at their own size.
     """
     kind, path = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
+    if resolution != 1 and kind != "folder":
+        raise ValueError(f"--resolution {resolution:g} scales the image sizes of folder data (the ImageNet recipe); "
+                         f"{kind} images are used at their own size: leave it at 1")
     if kind in ("cifar10", "cifar100", "mnist") and path is None:
         path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / kind
     if kind in ("cifar10", "cifar100"):
@@ -62,7 +67,7 @@ def load_dataset(spec: str | DatasetSpec, *, val_size: int = 0, seed: int = 0, d
     elif kind == "digits":
         splits = load_digits()
     else:
-        splits = load_folder(path)
+        splits = load_folder(path, ImageSizes.scaled(resolution))
     if val_size == 0:
         return splits
     if val_size >= len(splits.train):

@@ -55,13 +55,21 @@ class Preset:
     evaluations: int = 20  # test-error points along each curve (the last one is the final test error)
     curve_points: int = 100  # training-error points along each curve
     checkpoint_every: int = 500  # an interrupted run resumes from its last checkpoint, losing fewer iterations
+    resolution: float = 1.0  # image folders: the recipe's image sizes times this (Recipe.resolution)
+    # Fractions of the iterations at which the lr is divided by 10, in place of the recipe's own schedule (None: the
+    # recipe's). The ImageNet recipe's "divide when the error plateaus" drops each network at its own moment; at a
+    # short budget fixed drops give every network the same schedule, as the paper's Fig. 4 curves show theirs.
+    lr_drops: tuple[float, ...] | None = None
 
     def configure(self, arm: Arm, seed: int, out: Path) -> TrainConfig:
+        schedule = {} if self.lr_drops is None else {
+            "lr_milestones": tuple(round(self.iterations * fraction) for fraction in self.lr_drops),
+            "plateau_patience": 0}
         return resolve_config(self.recipe, model=arm.model, shortcut=arm.shortcut, data=self.data, out=str(out),
-                              iterations=self.iterations, seed=seed,
+                              iterations=self.iterations, seed=seed, resolution=self.resolution,
                               eval_every=max(1, self.iterations // self.evaluations),
                               checkpoint_every=min(self.checkpoint_every, self.iterations),
-                              log_every=max(1, self.iterations // self.curve_points))
+                              log_every=max(1, self.iterations // self.curve_points), **schedule)
 
 
 def no_analysis(preset: Preset, runs: list[dict]) -> dict:

@@ -1,0 +1,72 @@
+"""Plain against residual ImageNet networks of 18 and 34 layers (paper Sec. 4.1, Fig. 4 and Table 2).
+
+The paper trains plain-18/34 and ResNet-18/34 (option A: identity shortcuts, zero-padded where the channels grow,
+so a ResNet has exactly its plain net's parameters) with the ImageNet recipe. Plain-34 ends with a higher training
+and validation error than plain-18 (the degradation problem); ResNet-34 ends lower than ResNet-18. Table 2 gives
+their top-1 validation errors under 10-crop testing.
+
+Here they train on an image folder (the preset is sized for Imagenette, 10 ImageNet classes, on a 2-core CPU): the
+ImageNet recipe at half resolution (112x112 crops of images resized to [128, 240]), batch 256, lr 0.1 divided by
+10 at 50% and 75% of the iterations. The report draws Fig. 4's two panels and Table 2 beside the paper's numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resnetlab.experiments import degradation
+from resnetlab.experiments.runner import Arm, Experiment, Preset
+from resnetlab.inference import evaluate_checkpoints
+from resnetlab.paper import IMAGENET_TOP1_ERROR
+from resnetlab.report import group_by_label, markdown_table, percent
+
+TITLE = "Plain and residual ImageNet networks of 18 and 34 layers (paper Fig. 4 and Table 2)"
+# About 6 hours for the four runs on a 2-core CPU (docs/reproduction.md); 800 iterations of 256 are 22 epochs of
+# Imagenette's 9,469 training images.
+PRESET = Preset("table2", data="folder:imagenette", recipe="imagenet", depths=(18, 34), iterations=800,
+                evaluations=10, checkpoint_every=100, resolution=0.5, lr_drops=(0.5, 0.75))
+
+
+def arms(preset: Preset) -> list[Arm]:
+    """The shallower pair first, so that the cheaper half of the comparison is done first."""
+    return [Arm(f"{kind}{depth}", None if kind == "plain" else "A")
+            for depth in preset.depths for kind in degradation.KINDS]
+
+
+def ten_crop_errors(preset: Preset, runs: list[dict]) -> dict:
+    """Table 2's testing: top-1 and top-5 validation error of each run under 10-crop testing."""
+    errors = {}
+    for run in runs:
+        result = evaluate_checkpoints([run["run_dir"]], mode="10crop", workers=2, progress=True)
+        errors[run_key(run)] = {"top1_error": result["top1_error"], "top5_error": result["top5_error"]}
+    return {"ten_crop": errors}
+
+
+def run_key(run: dict) -> str:
+    return f"{run['label']}-s{run['seed']}"
+
+
+def table(results: dict) -> str:
+    ten_crop = results.get("ten_crop", {})
+    rows = []
+    for label, group in group_by_label(results["runs"]).items():
+        crops = [ten_crop[run_key(run)]["top1_error"] for run in group if run_key(run) in ten_crop]
+        rows.append([label, f"{group[0]['params'] / 1e6:.2f} M", percent([r["final_train_error"] for r in group]),
+                     percent([r["final_test_error"] for r in group]), percent(crops) if crops else "—",
+                     f"{IMAGENET_TOP1_ERROR[group[0]['model']]:.2f}"])
+    return markdown_table(["network", "params", "final train error %", "val error %, center view",
+                           "val error %, 10-crop", "paper: ImageNet val top-1 %, 10-crop (Table 2)"], rows)
+
+
+def report(results: dict, out: Path) -> str:
+    runs = results["runs"]
+    _, verdict = degradation.effect_verdict(runs)
+    return ("## Table 2\n\n" + table(results) + "\n"
+            "The final training error is measured in eval mode on the training images' center views; the "
+            "validation errors on the held-out folder. The paper's numbers are on ImageNet's 1,000 classes, so only "
+            "their order compares.\n\n"
+            "## Does the degradation problem show?\n\n" + verdict + "\n\n"
+            "## Fig. 4\n\n" + degradation.plot_curves(runs, out))
+
+
+EXPERIMENT = Experiment(TITLE, PRESET, arms, report, analyse=ten_crop_errors)
