@@ -201,12 +201,12 @@ def test_predict_gives_the_models_top_five_scores(run, trained, tmp_path):
     assert len(predictions) == 4
     for ranking, scores in zip(predictions, expected):
         assert len(ranking) == 5
-        names, probabilities = zip(*ranking)
-        assert list(names) == [str(i) for i in scores.topk(5).indices.tolist()]
+        names, probabilities, labels = zip(*ranking)
+        assert list(names) == list(labels) == [str(i) for i in scores.topk(5).indices.tolist()]  # digits: no names
         assert list(probabilities) == pytest.approx(scores.topk(5).values.tolist(), abs=1e-5)
         assert list(probabilities) == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
     every_class = predict(run, paths[:1], k=50, device="cpu", precision="fp32")[0]
-    assert len(every_class) == 10 and sum(p for _, p in every_class) == pytest.approx(1, abs=1e-5)
+    assert len(every_class) == 10 and sum(p.probability for p in every_class) == pytest.approx(1, abs=1e-5)
 
 
 def test_predict_in_bf16_keeps_the_fp32_ranking_head(run, trained, tmp_path):
@@ -244,8 +244,8 @@ def test_cli_predict_prints_top_k(run, trained, tmp_path, capsys):
     assert cli_main(["predict", str(run), str(paths[0]), str(paths[1]), "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(paths[0]) and lines[4] == str(paths[1]) and len(lines) == 8
-    for line, (name, probability) in zip(lines[1:4] + lines[5:8], ranking[0] + ranking[1]):
-        assert line.split() == [f"{probability:.4f}", name]
+    for line, prediction in zip(lines[1:4] + lines[5:8], ranking[0] + ranking[1]):
+        assert line.split() == [f"{prediction.probability:.4f}", prediction.name]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -31,6 +31,7 @@ from resnetlab.data import (
     load_dataset,
     stratified_split,
 )
+from resnetlab.data.augment import ImageSizes
 
 MNIST_T10K_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -364,6 +365,46 @@ def test_folder_train_val_layout(tmp_path):
     (tmp_path / "val" / "dog").mkdir()
     with pytest.raises(ValueError, match=r"has class folders \['dog'\] that are not among the 3 training classes"):
         load_dataset(f"folder:{tmp_path}")
+
+
+def test_folder_resolution_scales_every_view(tmp_path):
+    make_image_folder(tmp_path / "train")
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    Image.new("RGB", (300, 200), COLORS["cat"]).save(tmp_path / "val" / "cat" / "v.png")
+    splits = load_dataset(f"folder:{tmp_path}", resolution=0.5)
+    assert splits.train.sizes == ImageSizes(128, 240, 112, 128) and splits.image_size == 112
+    images, _ = next(iter(splits.train.training_batches(batch_size=4, seed=0, start=0, stop=1, flip=True, padding=0,
+                                                        workers=0)))
+    assert tuple(images.shape) == (4, 3, 112, 112)
+    center, _ = next(iter(splits.test.evaluation_batches(1)))
+    crops, _ = next(iter(splits.test.test_views("10crop", 1, 0, None, 0)))
+    assert tuple(center.shape) == (1, 3, 112, 112) and tuple(crops.shape) == (10, 1, 3, 112, 112)
+    assert ImageSizes.scaled(1) == ImageSizes(256, 480, 224, 256)
+
+
+def test_resolution_is_refused_for_data_of_a_fixed_size():
+    with pytest.raises(ValueError, match="--resolution 0.5 scales the image sizes of folder data .* digits images "
+                                         "are used at their own size"):
+        load_dataset("digits", resolution=0.5)
+
+
+def test_class_names_come_from_synsets_txt(tmp_path):
+    make_image_folder(tmp_path / "train")
+    (tmp_path / "synsets.txt").write_text("ant formica\nbee honey bee\nwasp not a class here\ncat\n\n")
+    splits = load_dataset(f"folder:{tmp_path}")
+    assert splits.classes == ["ant", "bee", "cat"]
+    assert splits.class_names == ["formica", "honey bee", "cat"]  # cat's line names nothing: its folder name stays
+    (tmp_path / "synsets.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ValueError, match="cannot read the class names in .*synsets.txt"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_a_bounded_evaluation_of_a_folder_takes_every_class(tmp_path):
+    make_image_folder(tmp_path, per_class=9)
+    dataset = FolderDataset(tmp_path, None)  # 30 images in class order: 10 ants, 10 bees, 10 cats
+    labels = torch.cat([labels for _, labels in dataset.evaluation_batches(4, limit=6)])
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert len(dataset.bounded(None)) == len(dataset.bounded(100)) == 30
 
 
 def test_folder_without_train_dir_is_split_80_20_per_class(tmp_path):

@@ -219,6 +219,9 @@ BAD_SETTINGS = [
     ({"freeze_backbone": True}, "--freeze-backbone needs --init: only loaded weights are worth freezing"),
     ({"freeze_backbone": "yes", "init": "runs/x"}, "--freeze-backbone must be true or false, got 'yes'"),
     ({"tensorboard": 1}, "--tensorboard must be true or false, got 1"),
+    ({"resolution": 0.0}, "--resolution must be a finite number > 0, got 0.0"),
+    ({"resolution": 0.1}, "--resolution 0.1 makes 22-pixel crops; the ImageNet networks need at least 32"),
+    ({"test_eval_size": 0}, "--test-eval-size must be a positive integer, got 0"),
 ]
 
 

@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")
-    p.add_argument("experiment", choices=["table1", "degradation", "shortcuts", "depth", "responses", "table2"],
+    p.add_argument("experiment",
+                   choices=["table1", "degradation", "shortcuts", "depth", "responses", "table2", "table3"],
                    help="the paper's table or figure to reproduce")
     p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, *.png and runs/ go here")
     p.add_argument("--data", help="dataset spec (default: digits)")

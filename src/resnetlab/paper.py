@@ -13,6 +13,9 @@ CIFAR_REPRODUCTION_TEST_ERROR = {20: 8.27, 32: 7.37, 44: 6.90, 56: 6.61, 110: 6.
 
 # Table 3: ImageNet validation top-1 error (%, 10-crop) of ResNet-34 with shortcut options A/B/C, and plain-34.
 SHORTCUT_TOP1_ERROR = {"plain": 28.54, "A": 25.03, "B": 24.52, "C": 24.19}
+SHORTCUT_TOP5_ERROR = {"plain": 10.02, "A": 7.76, "B": 7.46, "C": 7.40}
+# Table 4: ImageNet validation top-1 error (%) of single ResNet-34s under the fully-convolutional multi-scale test.
+MULTISCALE_ERROR = {"B": 21.84, "C": 21.53}
 
 # Table 2: ImageNet validation top-1 error (%, 10-crop) of the 18- and 34-layer plain nets and ResNets (option A).
 IMAGENET_TOP1_ERROR = {"plain18": 27.94, "plain34": 28.54, "resnet18": 27.88, "resnet34": 25.03}

@@ -24,7 +24,7 @@ def header(results: dict, title: str) -> str:
     if results["runs"]:
         lines += [f"- Runs: {len(results['runs'])} ({len(group_by_label(results['runs']))} networks x {seeds} "
                   f"seed{'s' if seeds > 1 else ''}), each {preset['iterations']:,} iterations of the "
-                  f"`{preset['recipe']}` recipe (lr milestones scaled to the run length), the same for every network",
+                  f"`{preset['recipe']}` recipe ({schedule_words(preset)}), the same for every network",
                   f"- Data: `{preset['data']}`"
                   + (f" ({results['data_note']})" if results.get("data_note") else ""),
                   f"- Training time: {format_seconds(results['training_seconds'])} in total (sum over runs); "
@@ -35,6 +35,15 @@ def header(results: dict, title: str) -> str:
               + (f", GPU {hw['cuda']}" if hw.get("cuda") else "") + f"; torch {hw['torch']}, Python {hw['python']}",
               "", ""]
     return "\n".join(lines)
+
+
+def schedule_words(preset: dict) -> str:
+    """How the experiment's runs set the lr, and the image resolution where it is not the recipe's own."""
+    drops = preset.get("lr_drops")
+    words = (f"lr / 10 at {' and '.join(f'{100 * fraction:g}%' for fraction in drops)} of the iterations" if drops
+             else "lr milestones scaled to the run length")
+    resolution = preset.get("resolution", 1)
+    return words + (f", image sizes x {resolution:g}" if resolution != 1 else "")
 
 
 def format_seconds(seconds: float) -> str:

@@ -32,12 +32,13 @@ def arms(preset: Preset) -> list[Arm]:
     return [Arm(f"{kind}{depth}") for kind in KINDS for depth in preset.depths]
 
 
-def depth_gaps(runs: list[dict], kind: str) -> dict | None:
-    """Final training error of the deepest minus the shallowest `kind` net, per seed (None with one depth)."""
+def depth_gaps(runs: list[dict], kind: str, error_key: str = "final_train_error") -> dict | None:
+    """Final error (training, or `error_key`) of the deepest minus the shallowest `kind` net, per seed (None with one
+    depth)."""
     depths = sorted({int(run["model"].removeprefix(kind)) for run in runs if run["model"].startswith(kind)})
     if len(depths) < 2:
         return None
-    error = {(run["model"], run["seed"]): run["final_train_error"] for run in runs}
+    error = {(run["model"], run["seed"]): run[error_key] for run in runs}
     shallow, deep = f"{kind}{depths[0]}", f"{kind}{depths[-1]}"
     seeds = sorted({seed for model, seed in error if model == shallow}
                    & {seed for model, seed in error if model == deep})
@@ -86,21 +87,23 @@ def results_table(runs: list[dict]) -> str:
                            "paper, CIFAR-10 test error % (Table 6)"], rows)
 
 
-def plot_curves(runs: list[dict], out: Path) -> str:
-    """Paper Fig. 6: training error dashed, test error bold, one colour per depth; plain left, residual right."""
+def plot_curves(runs: list[dict], out: Path, *, file_name: str = "degradation.png", paper_figure: str = "Fig. 6",
+                held_out: str = "test") -> str:
+    """Paper Fig. 6 (Fig. 4 on ImageNet): training error dashed, `held_out` error bold, one colour per depth; plain
+    left, residual right."""
     groups = group_by_label(runs)
     figure, axes = new_figure(columns=len(KINDS))
     for ax, kind in zip(axes[0], KINDS):
         for index, (label, group) in enumerate((name, g) for name, g in groups.items() if name.startswith(kind)):
             colour = f"C{index}"
             ax.plot(*mean_curve(group, "train_error"), "--", color=colour, linewidth=1, label=f"{label} train")
-            ax.plot(*mean_curve(group, "test_error"), "-", color=colour, linewidth=2, label=f"{label} test")
+            ax.plot(*mean_curve(group, "test_error"), "-", color=colour, linewidth=2, label=f"{label} {held_out}")
         ax.set_title("plain networks" if kind == "plain" else "residual networks (ResNets)")
         ax.set_ylim(bottom=0)
         label_axes(ax, "iterations", "error (%)", legend_size=7)
-    return save_figure(figure, out, "degradation.png",
-                       "Training error (dashed, running mean of the training batches) and test error (bold) "
-                       "against iterations, mean over seeds. Left: plain nets; right: ResNets (paper Fig. 6).")
+    return save_figure(figure, out, file_name,
+                       f"Training error (dashed, running mean of the training batches) and {held_out} error (bold) "
+                       f"against iterations, mean over seeds. Left: plain nets; right: ResNets (paper {paper_figure}).")
 
 
 def report(results: dict, out: Path) -> str:

@@ -1,0 +1,54 @@
+"""The ImageNet-side experiments (table2: Fig. 4 and Table 2; table3: Tables 3-5) as data: the networks they train,
+the recipe each run gets, and the verdict and tables their reports draw from results. Training them end to end
+takes hours (docs/reproduction.md); tests/test_imagenette.py trains the same folder path on real photographs."""
+
+from __future__ import annotations
+
+from resnetlab.experiments import EXPERIMENTS, table2, table3
+from resnetlab.experiments.runner import Arm
+from resnetlab.paper import IMAGENET_TOP1_ERROR
+
+
+def test_table2_trains_the_papers_four_networks_with_option_a_shallow_pair_first():
+    assert [arm.label for arm in table2.arms(table2.PRESET)] == ["plain18", "resnet18-A", "plain34", "resnet34-A"]
+    assert EXPERIMENTS["table2"] is table2.EXPERIMENT and EXPERIMENTS["table3"] is table3.EXPERIMENT
+
+
+def test_table2_runs_the_imagenet_recipe_at_half_resolution_with_fixed_drops(tmp_path):
+    config = table2.PRESET.configure(Arm("resnet34", "A"), 0, tmp_path)
+    recipe = config.recipe
+    assert (recipe.name, recipe.batch_size, recipe.lr, recipe.momentum, recipe.weight_decay) == (
+        "imagenet", 256, 0.1, 0.9, 1e-4)
+    assert (recipe.iterations, recipe.lr_milestones, recipe.plateau_patience) == (800, (400, 600), 0)
+    assert (recipe.resolution, config.shortcut, config.data) == (0.5, "A", "folder:imagenette")
+    assert (config.eval_every, config.checkpoint_every, config.log_every) == (80, 100, 8)
+
+
+def test_table3_reuses_table2s_plain34_and_resnet34_a_and_adds_b_and_c(tmp_path):
+    assert [arm.label for arm in table3.arms(table3.PRESET)] == ["plain34", "resnet34-A", "resnet34-B", "resnet34-C"]
+    for arm in (Arm("plain34"), Arm("resnet34", "A")):
+        assert table3.PRESET.configure(arm, 0, tmp_path) == table2.PRESET.configure(arm, 0, tmp_path)
+
+
+def run(label: str, train: float, val: float, seed: int = 0) -> dict:
+    model = label.split("-")[0]
+    return {"model": model, "label": label, "shortcut": "A" if model.startswith("resnet") else None, "seed": seed,
+            "final_train_error": train, "final_test_error": val, "params": 11e6}
+
+
+def test_table2_verdict_needs_both_errors_to_move_the_papers_way():
+    shows = [run("plain18", 0.10, 0.20), run("resnet18-A", 0.08, 0.18), run("plain34", 0.15, 0.25),
+             run("resnet34-A", 0.06, 0.16)]
+    assert "**The paper's Fig. 4 shows**" in table2.effect_verdict(shows)
+    validation_only = [*shows[:3], run("resnet34-A", 0.06, 0.19)]  # ResNet-34 trains lower, validates higher
+    verdict = table2.effect_verdict(validation_only)
+    assert "**Not all of the paper's Fig. 4 shows at this budget**" in verdict
+    assert "resnet34 minus resnet18: +1.00 points (not lower in every seed)" in verdict
+
+
+def test_table2_sets_ten_crop_errors_beside_the_papers():
+    runs = [run("plain18", 0.10, 0.20), run("plain34", 0.15, 0.25)]
+    results = {"runs": runs, "ten_crop": {"plain18-s0": {"top1_error": 0.195, "top5_error": 0.05}}}
+    rows = table2.table(results).splitlines()
+    assert rows[2].split(" | ")[4:] == ["19.50", f"{IMAGENET_TOP1_ERROR['plain18']:.2f} |"]
+    assert rows[3].split(" | ")[4] == "—"  # plain34 has no 10-crop result yet
