@@ -19,8 +19,8 @@ from run_helpers import tiny_config, write_png_folder
 import resnetlab.inference as inference
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
-from resnetlab.data import load_dataset
-from resnetlab.data.augment import FolderTenCrops, Normalize
+from resnetlab.data import FolderDataset, load_dataset
+from resnetlab.data.augment import FolderTenCrops, Normalize, resize_shorter
 from resnetlab.evaluate import (
     check_multiscale_fits,
     class_probabilities,
@@ -31,7 +31,7 @@ from resnetlab.evaluate import (
     top_k_error,
     training_side,
 )
-from resnetlab.factory import load_model
+from resnetlab.factory import create_model, load_model
 from resnetlab.inference import evaluate_checkpoints, predict
 from resnetlab.train import train
 
@@ -94,6 +94,27 @@ def test_multiscale_is_the_mean_over_explicitly_resized_inputs(trained):
     torch.testing.assert_close(scores, expected)
 
 
+def test_multiscale_on_a_folder_batches_images_of_one_size_and_scores_each_alone(tmp_path):
+    """Whole folder images of two sizes: batched by size (3 + 2 of 2 sizes, 2 at a time), scored as one by one."""
+    rng = np.random.default_rng(0)
+    for name, size in [("a0", (40, 40)), ("a1", (40, 40)), ("a2", (40, 40)), ("b0", (48, 36)), ("b1", (48, 36))]:
+        (tmp_path / name[0]).mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name[0] / f"{name}.png")
+    folder = FolderDataset(tmp_path, None)
+    batches = list(folder.test_views("multiscale", 2, 0, None, 0))
+    assert [tuple(images.shape) for images, _ in batches] == [(2, 3, 40, 40), (1, 3, 40, 40), (2, 3, 36, 48)]
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=2).eval()
+    normalize = Normalize(torch.full((3, 1, 1), 0.5))
+    scores, labels = mode_probabilities(model, folder, normalize, "multiscale", device=CPU, batch_size=20)
+    assert labels.tolist() == [0, 0, 0, 1, 1]
+    for index in range(5):
+        image = normalize(folder[index][0][None])
+        alone = torch.stack([softmax(model, resize_shorter(image, side)) for side in multiscale_sides(224)]).mean(0)
+        torch.testing.assert_close(scores[index:index + 1], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_multiscale_is_refused_to_nets_trained_on_small_images_before_reading_data(run, monkeypatch):
     monkeypatch.setattr(inference, "load_dataset", lambda *a, **kw: pytest.fail("read the data of a refused mode"))
     with pytest.raises(ValueError, match=f"--mode multiscale is the paper's ImageNet protocol; "
@@ -107,7 +128,7 @@ def test_ten_crop_is_refused_for_data_never_mirrored_in_training(run, monkeypatc
                                          "training"):
         evaluate_checkpoints([run], mode="10crop", device="cpu")
     mirrored = replace(load_dataset("digits"), flip=True)  # as CIFAR and image folders are
-    monkeypatch.setattr(inference, "load_dataset", lambda spec: mirrored)
+    monkeypatch.setattr(inference, "load_dataset", lambda spec, **settings: mirrored)
     result = evaluate_checkpoints([run], mode="10crop", device="cpu")
     scores, labels = ensemble_probabilities(load_models([run], CPU), mirrored.test, "10crop", device=CPU)
     assert (result["mode"], result["top1_error"]) == ("10crop", pytest.approx(top_k_error(scores, labels, 1)))

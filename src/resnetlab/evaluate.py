@@ -90,7 +90,8 @@ def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normaliz
     """Softmax scores (N, classes) in a testing `mode` (see the module docstring), and the labels.
 
     `padding` is the training padding of array images at 32x32 (the recipe's `padding`), used by ``10crop``.
-    `batch_size` counts views: 10crop takes batch_size // 10 images at a time. Any mode is computed as asked;
+    `batch_size` counts views: 10crop and multiscale take batch_size // 10 images at a time (multiscale's largest
+    view has 8 times the pixels of a training crop). Any mode is computed as asked;
     `evaluate_checkpoints` refuses the modes that do not fit a net (module docstring).
     """
     check_mode(mode)
@@ -104,7 +105,7 @@ def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normaliz
         with autocast(device, precision):
             return model(x).float().softmax(1)
 
-    images_per_batch = max(1, batch_size // TEN_CROP_VIEWS) if mode == "10crop" else batch_size
+    images_per_batch = max(1, batch_size // TEN_CROP_VIEWS)
     scores, labels = [], []
     bar = images_progress(data, limit, progress)
     try:

@@ -203,11 +203,30 @@ class FolderDataset(torch.utils.data.Dataset):
     def test_views(self, mode: str, batch_size: int, workers: int, limit: int | None, padding: int
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """10crop: (10, N, 3, crop, crop) crops of the images resized to `sizes.resize` (224 of 256 at resolution 1);
-        multiscale: each image whole, one at a time, since their sizes differ."""
-        ten_crop = mode == "10crop"
-        for images, labels in folder_evaluation_batches(self.bounded(limit), batch_size if ten_crop else 1, workers,
-                                                        transform=self.sizes.ten_crop_view() if ten_crop else None):
-            yield (images.transpose(0, 1) if ten_crop else images), labels
+        multiscale: the images whole, consecutive images of one size batched together (photographs of one camera,
+        or a folder resized to one size, go through the network batch_size at a time)."""
+        if mode == "10crop":
+            for images, labels in folder_evaluation_batches(self.bounded(limit), batch_size, workers,
+                                                            transform=self.sizes.ten_crop_view()):
+                yield images.transpose(0, 1), labels
+            return
+        whole = folder_evaluation_batches(self.bounded(limit), 1, workers, transform=None)
+        yield from same_size_batches(whole, batch_size)
+
+
+def same_size_batches(singles: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_size: int
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of up to batch_size consecutive (1, C, H, W) images of one size, in their order."""
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for image, label in singles:
+        if images and (len(images) == batch_size or image.shape != images[0].shape):
+            yield torch.cat(images), torch.cat(labels)
+            images, labels = [], []
+        images.append(image)
+        labels.append(label)
+    if images:
+        yield torch.cat(images), torch.cat(labels)
 
 
 def evenly_spaced(size: int, count: int) -> np.ndarray:
