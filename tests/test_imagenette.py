@@ -22,11 +22,12 @@ needs_imagenette = pytest.mark.skipif(not (IMAGENETTE_DIR / "make_folders.py").i
                                       reason=f"the Imagenette photographs are not here ({IMAGENETTE_DIR})")
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 100, 40
-# ResNet-18 at resolution 0.25 (56x56 crops), 150 iterations of 64 on the 1,000 training photographs above, lr 0.1
-# then 0.01 from iteration 100: 63.5% and 65.0% validation error (seeds 0 and 1; chance: 90%). The bar leaves about
-# 12 points of margin: a folder path that stops learning photographs (wrong labels, broken crops) fails it.
+# ResNet-18 at resolution 0.25 (56x56 crops), 150 iterations of 64 on the 1,000 training photographs above, lr 0.025
+# (the paper's 0.1 for 256, scaled to the batch; 0.1 itself leaves it at 84% after 150 iterations) then 0.0025 from
+# iteration 100: 54.25%, 52.75% and 56.25% validation error for seeds 0, 1 and 2 (chance: 90%), in 50 s on 2 quiet
+# cores. The bar leaves 14 points of margin: a folder path that stops learning photographs fails it.
 ITERATIONS = 150
-VAL_ERROR_BAR = 0.78
+VAL_ERROR_BAR = 0.70
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_folders_read_with_imagenet_class_names_and_scaled_sizes(imagenette):
 def resnet18_run(imagenette, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "resnet18"
     assert main(["train", "--model", "resnet18", "--recipe", "imagenet", "--data", f"folder:{imagenette}",
-                 "--resolution", "0.25", "--batch-size", "64", "--iterations", str(ITERATIONS),
+                 "--resolution", "0.25", "--batch-size", "64", "--lr", "0.025", "--iterations", str(ITERATIONS),
                  "--lr-milestones", "100", "--workers", "2", "--out", str(out), "--quiet"]) == 0
     return out
 
@@ -79,8 +80,10 @@ def test_resnet18_learns_photographs_at_a_quarter_resolution(resnet18_run):
 def test_predict_names_the_class_of_a_photograph(resnet18_run, imagenette, capsys):
     tench = sorted((imagenette / "val" / "n01440764").iterdir())[0]
     assert main(["predict", str(resnet18_run), str(tench), "--top", "10", "--precision", "fp32"]) == 0
-    printed = capsys.readouterr().out
-    assert "tench" in printed and "n01440764" not in printed
+    path_line, *ranking = capsys.readouterr().out.splitlines()
+    names = [line.split(maxsplit=1)[1] for line in ranking]
+    assert path_line == str(tench) and len(names) == 10
+    assert "tench" in names and not any(name.startswith("n0") for name in names)  # names, not WordNet ids
     assert main(["predict", str(resnet18_run), str(tench), "--top", "10", "--precision", "fp32", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     by_label = {entry["label"]: entry for entry in result["top"]}
