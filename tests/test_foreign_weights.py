@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from run_helpers import assert_same_tensors, tiny_config
+from test_bad_input import _RunsCode  # unpickling it writes its marker file
 from test_formats import write_cifar10
 from torch import nn
 
@@ -267,20 +268,10 @@ def test_a_legacy_format_state_dict_loads(tmp_path):
     assert_same_tensors(create_model("resnet20", weights=path).state_dict(), state)
 
 
-class RunsCode:
-    """Unpickling this runs code: it writes `marker`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
-
-
 def test_a_legacy_file_with_a_pickle_payload_is_refused_without_running_it(their_file, tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "resnet20.th"
     state_dict = torch.load(their_file[0], weights_only=True)["state_dict"]
-    torch.save({"state_dict": state_dict, "payload": RunsCode(marker)}, path, _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": state_dict, "payload": _RunsCode(marker)}, path, _use_new_zipfile_serialization=False)
     torch.load(path, weights_only=False)  # an ordinary load runs it ...
     assert marker.exists()
     marker.unlink()
