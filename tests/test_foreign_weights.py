@@ -216,8 +216,9 @@ def test_predict_ranks_their_networks_classes(their_file, tmp_path, capsys):
     rankings = predict(path, paths, k=3, device="cpu", precision="fp32", model_name="resnet20")
     for ranking, scores in zip(rankings, expected, strict=True):
         top = scores.topk(3)
-        assert [name for name, _ in ranking] == [CIFAR10_CLASSES[i] for i in top.indices.tolist()]
-        assert [p for _, p in ranking] == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert [p.name for p in ranking] == [p.label for p in ranking] == [CIFAR10_CLASSES[i]
+                                                                            for i in top.indices.tolist()]
+        assert [p.probability for p in ranking] == pytest.approx(top.values.tolist(), abs=1e-5)
     assert cli_main(["predict", str(path), str(paths[0]), "--model", "resnet20", "--top", "1",
                      "--precision", "fp32"]) == 0
     assert capsys.readouterr().out.split() == [str(paths[0]), f"{rankings[0][0][1]:.4f}", rankings[0][0][0]]
