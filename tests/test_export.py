@@ -54,8 +54,10 @@ def test_fast_bf16_path_returns_fp32_logits_close_to_fp32():
     with torch.no_grad():
         expected = model(x)
         logits = fast_inference(model, precision="bf16")(x)
+        fp32_logits = fast_inference(model, precision="fp32")(x)
     assert logits.dtype == torch.float32
     assert ((logits - expected).norm() / expected.norm()).item() < 0.05  # bf16 keeps ~3 significant digits
+    assert not torch.equal(logits, fp32_logits), "the bf16 path computed in fp32"
 
 
 @pytest.mark.slow  # compiling takes 30 s to minutes on 2 cores

@@ -83,9 +83,13 @@ def test_int8_file_in_onnx_runtime_follows_the_fp32_model(run, int8_file):
     assert (int8_logits.argmax(1) == fp32_logits.argmax(1)).float().mean().item() >= 0.98
 
 
-def test_evaluate_in_int8_is_within_a_point_of_fp32(run, capsys):
+def test_evaluate_in_int8_is_within_a_point_of_fp32(run, capsys, monkeypatch):
     fp32 = evaluate_checkpoints([run], device="cpu")
+    batch_sizes = []
+    forward = OnnxRuntimeNetwork.forward
+    monkeypatch.setattr(OnnxRuntimeNetwork, "forward", lambda self, x: batch_sizes.append(len(x)) or forward(self, x))
     int8 = evaluate_checkpoints([run], device="cpu", precision="int8")
+    assert sum(batch_sizes) == int8["images"] == 360, "every test image went through the int8 network"
     assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
     assert fp32["top1_error"] < 0.15, "the network is trained"
     assert abs(int8["top1_error"] - fp32["top1_error"]) <= 0.01
@@ -106,6 +110,7 @@ def test_predict_in_int8_ranks_as_fp32(run, tmp_path):
     int8 = predict(run, paths, k=1, precision="int8")
     assert [top[0][0] for top in int8] == [top[0][0] for top in fp32]
     assert [top[0][1] for top in int8] == pytest.approx([top[0][1] for top in fp32], abs=0.05)
+    assert [top[0][1] for top in int8] != [top[0][1] for top in fp32], "int8 rounds: its scores are not fp32's"
 
 
 def test_int8_module_refuses_a_batch_off_the_cpu(run):
