@@ -15,13 +15,20 @@ import pytest
 import torch
 from run_helpers import tiny_config
 
+import resnetlab.evaluate as evaluation
 from resnetlab.checkpoint import load_checkpoint, load_model, save_checkpoint
 from resnetlab.cli import main
 from resnetlab.data.augment import Normalize
 from resnetlab.data.formats import load_dataset
 from resnetlab.evaluate import evaluate_checkpoints, predict
 from resnetlab.precision import resolve_precision
-from resnetlab.quantize import CALIBRATION_IMAGES, OnnxRuntimeNetwork, calibration_batch, quantized_onnx
+from resnetlab.quantize import (
+    CALIBRATION_IMAGES,
+    OnnxRuntimeNetwork,
+    calibration_batch,
+    int8_inference,
+    quantized_onnx,
+)
 from resnetlab.train import train
 
 onnx = pytest.importorskip("onnx")
@@ -50,6 +57,26 @@ def test_calibration_images_are_evenly_spaced_training_images_normalized():
     spaced = np.linspace(0, len(data) - 1, 4).round().astype(int)
     assert torch.equal(batch, normalize(data.images[spaced]))
     assert len(calibration_batch(data, normalize)) == CALIBRATION_IMAGES
+
+
+def test_int8_calibrates_on_the_runs_training_images_not_its_test_images(run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    calibrations = []
+
+    def recording_int8_inference(model, calibration):
+        calibrations.append(calibration)
+        return int8_inference(model, calibration)
+
+    monkeypatch.setattr(evaluation, "int8_inference", recording_int8_inference)
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(image)
+    predict(run, [image], k=1, precision="int8")
+    normalize = Normalize.from_state_dict(load_checkpoint(run)["normalize"])
+    digits = load_dataset("digits")
+    assert len(calibrations) == 1
+    assert torch.equal(calibrations[0], calibration_batch(digits.train, normalize))
+    assert not torch.equal(calibrations[0][:100], calibration_batch(digits.test, normalize)[:100])
 
 
 def test_int8_export_holds_int8_weights_per_channel_and_quantized_activations(int8_file):
