@@ -113,6 +113,18 @@ def test_degradation_rerun_reuses_runs_and_refuses_other_settings(degradation, r
                   runs_dir=runs_dir, progress=False, log=lines.append)
 
 
+def test_every_run_is_checked_before_any_trains(tmp_path, degradation, runs_dir):
+    """The last planned run (resnet20 seed 0 after plain20 seed 0) holds other settings: refused before plain20,
+    which has no directory yet, trains."""
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "resnet20-s0", runs / "resnet20-s0")  # trained for ITERATIONS, not ITERATIONS + 1
+    preset = replace(EXPERIMENTS["degradation"].preset, **TINY)
+    with pytest.raises(ValueError, match=r"resnet20-s0 holds a run with other settings: .*iterations"):
+        reproduce("degradation", tmp_path / "out", preset=preset, depths=(20,), iterations=ITERATIONS + 1,
+                  runs_dir=runs, progress=False, log=lambda line: None)
+    assert sorted(path.name for path in runs.iterdir()) == ["resnet20-s0"]
+
+
 def test_so_far_reports_unfinished_runs_at_the_furthest_common_iteration_and_trains_nothing(tmp_path, degradation,
                                                                                             runs_dir):
     runs = tmp_path / "runs"
