@@ -130,6 +130,8 @@ def test_errors_name_the_problem_before_any_training(tmp_path, capsys):
     assert "takes 1-channel images; detection needs an RGB (3-channel) classifier" in capsys.readouterr().err
     assert main(["detect", "train", "--model", "resnet21", "--data", f"voc:{voc}", "--out", str(tmp_path)]) == 2
     assert "--model 'resnet21' is not a backbone" in capsys.readouterr().err
+    assert main(["detect", "train", "--data", f"voc:{voc}", "--out", str(tmp_path)]) == 2
+    assert "error: --model is required: the backbone, one of resnet18, " in capsys.readouterr().err
     assert main(["detect", "train", "--model", "resnet20", "--data", f"voc:{voc}", "--out", str(tmp_path),
                  "--min-size", "1200"]) == 2
     assert "--min-size 1200 must not exceed --max-size 1000" in capsys.readouterr().err
