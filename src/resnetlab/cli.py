@@ -283,8 +283,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser without its prefix matching, which took `detect train --backbone resnet18` for
+    --backbone-weights: a flag is taken only as spelled, anything else is an error that names it. Subcommands'
+    parsers are of this class too (argparse makes them of their parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="table of every named model: params and MACs beside the paper's figures")

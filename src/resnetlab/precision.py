@@ -20,6 +20,7 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")  # training's choices, its 
 # Inference may also ask for "auto", predict's default: bf16 where it is measured faster than fp32, else fp32.
 INFERENCE_PRECISIONS = ("auto", "bf16", "fp32", "int8")
 EXPORT_PRECISIONS = ("fp32", "int8")  # what `resnetlab export` writes: the fp32 network, or its int8 form
+CPUINFO = Path("/proc/cpuinfo")  # the CPU's feature flags (Linux); `bf16_is_faster` looks for AMX there
 
 
 def check_precision(name: object, *, training: bool) -> None:
@@ -80,8 +81,7 @@ def bf16_is_faster() -> bool:
     kernels measured 0.83-0.96x fp32 for training and inference on an Intel Xeon (docs/benchmarks.md, section 1).
     On an AMD EPYC with AVX512-BF16, bf16 training ran 1.41x fp32 (section 1); its inference is unmeasured, so
     the rule stays AMX-only until it is."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpu_has_bf16() and cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
+    return cpu_has_bf16() and CPUINFO.is_file() and "amx_bf16" in CPUINFO.read_text()
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
