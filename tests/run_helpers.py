@@ -3,7 +3,7 @@ broken on purpose, and reading back what a run wrote.
 
 Run as a script, this file is the `resnetlab` command with test hooks installed first:
 
-    python tests/run_helpers.py [--seconds-per-iteration S] [--stall-checkpoint N MARKER] [--kill-loader-worker] \
+    python tests/run_helpers.py [--stall-at-iteration I MARKER] [--stall-checkpoint N MARKER] [--kill-loader-worker] \
         -- train --model ... --out OUT
 
 The hooks change timing or break things the way real faults do; none of them changes what is computed.
@@ -152,18 +152,21 @@ def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.
 # --------------------------------------------------------------------------------------------------------------
 
 
-def slow_down_iterations(seconds: float) -> None:
-    """Sleep at the start of every iteration (the loop asks the schedule for its lr once per iteration), so a
-    test can catch the run between two chosen iterations."""
+def stall_at_iteration(iteration: int, marker: Path) -> None:
+    """As the run is about to start `iteration` (0-based: that many are done, logged and checkpointed as the run
+    does), touch `marker` and hang (the loop asks the schedule for its lr once per iteration, first thing): a run
+    held mid-way for the test to kill, however slow or fast the machine."""
     from resnetlab.schedule import LrSchedule
 
     lr = LrSchedule.lr
 
-    def slow_lr(self, iteration: int) -> float:
-        time.sleep(seconds)
-        return lr(self, iteration)
+    def stalling_lr(self, at: int) -> float:
+        if at == iteration:
+            marker.touch()
+            time.sleep(3600)
+        return lr(self, at)
 
-    LrSchedule.lr = slow_lr
+    LrSchedule.lr = stalling_lr
 
 
 def stall_checkpoint_write(nth: int, marker: Path) -> None:
@@ -203,12 +206,12 @@ def kill_loader_workers() -> None:
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds-per-iteration", type=float)
+    parser.add_argument("--stall-at-iteration", nargs=2, metavar=("I", "MARKER"))
     parser.add_argument("--stall-checkpoint", nargs=2, metavar=("N", "MARKER"))
     parser.add_argument("--kill-loader-worker", action="store_true")
     hooks = parser.parse_args(argv[:split])
-    if hooks.seconds_per_iteration:
-        slow_down_iterations(hooks.seconds_per_iteration)
+    if hooks.stall_at_iteration:
+        stall_at_iteration(int(hooks.stall_at_iteration[0]), Path(hooks.stall_at_iteration[1]))
     if hooks.stall_checkpoint:
         stall_checkpoint_write(int(hooks.stall_checkpoint[0]), Path(hooks.stall_checkpoint[1]))
     if hooks.kill_loader_worker:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from run_helpers import assert_same_tensors
 
-from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resnetlab.checkpoint import CheckpointError, load_checkpoint, read_weights, save_checkpoint
 from resnetlab.data import FolderDataset, load_dataset, read_idx
 from resnetlab.factory import create_model
 from resnetlab.recipes import RECIPE_KEYS, RUN_KEYS, TrainConfig, resolve_config, validate
@@ -365,6 +365,34 @@ def test_damaged_checkpoint(tmp_path, checkpoint_bytes, data):
     expected = load_checkpoint(original)
     assert_same_tensors(state.pop("model"), expected.pop("model"))
     assert state == expected
+
+
+@pytest.fixture(scope="module")
+def legacy_weights_bytes(tmp_path_factory) -> bytes:
+    """A small weights file as akamaster/pytorch_resnet_cifar10 saves them: torch's legacy (pre-zip) format."""
+    path = tmp_path_factory.mktemp("legacy") / "resnet.th"
+    torch.manual_seed(0)
+    state_dict = {"module.conv1.weight": torch.randn(4, 3, 3, 3), "module.bn1.running_var": torch.rand(4),
+                  "module.linear.weight": torch.randn(10, 4)}
+    torch.save({"state_dict": state_dict, "best_prec1": 91.73}, path, _use_new_zipfile_serialization=False)
+    return path.read_bytes()
+
+
+@FUZZ
+@given(data=st.data())
+def test_damaged_legacy_weights_file(tmp_path, legacy_weights_bytes, data):
+    path = tmp_path / "resnet.th"
+    path.write_bytes(data.draw(damaged(legacy_weights_bytes)))
+    try:
+        with bounded_time("reading a damaged legacy weights file"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch announces a damaged protocol byte, then fails
+            weights = read_weights(path)
+    except Exception as error:  # noqa: BLE001
+        assert isinstance(error, CheckpointError), f"{type(error).__name__}: {error}"
+        clean_error(error, path)
+        return
+    # Loaded: the legacy format has no checksums, so damaged tensor bytes read as other values; still only tensors.
+    assert all(isinstance(tensor, torch.Tensor) for tensor in weights.tensors.values())
 
 
 class _RunsCode:

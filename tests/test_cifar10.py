@@ -78,7 +78,6 @@ def test_resnet20_learns_real_cifar10_well_below_chance(resnet20_run):
 
 @needs_cifar10
 def test_int8_keeps_the_fp32_answers_on_real_cifar10_test_images(resnet20_run):
-    pytest.importorskip("onnxruntime")
     fp32 = mode_probabilities_of(resnet20_run, "fp32")
     int8 = mode_probabilities_of(resnet20_run, "int8")
     labels = load_dataset(load_checkpoint(resnet20_run)["config"]["data"]).test.labels

@@ -236,6 +236,7 @@ def test_predict_in_bf16_keeps_the_fp32_ranking_head(run, trained, tmp_path):
     rounded = predict(run, paths, k=1, device="cpu", precision="bf16")
     assert [r[0][0] for r in rounded] == [e[0][0] for e in exact]
     assert [r[0][1] for r in rounded] == pytest.approx([e[0][1] for e in exact], abs=0.02)
+    assert [r[0][1] for r in rounded] != [e[0][1] for e in exact], "bf16 rounds: its scores are not fp32's"
     with pytest.raises(ValueError, match="precision='fp16' is not valid; choose auto, bf16, fp32 or int8"):
         predict(run, paths, precision="fp16")
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from resnetlab.cli import main
-from resnetlab.experiments import EXPERIMENTS, reproduce
+from resnetlab.experiments import DEMO_PRESET, EXPERIMENTS, reproduce
 from resnetlab.experiments.degradation import effect_verdict
 from resnetlab.experiments.responses import response_stds
 from resnetlab.factory import create_model
@@ -111,6 +111,18 @@ def test_degradation_rerun_reuses_runs_and_refuses_other_settings(degradation, r
     with pytest.raises(ValueError, match=r"plain20-s0 holds a run with other settings: .*iterations"):
         reproduce("degradation", degradation, preset=preset, depths=(20,), iterations=ITERATIONS + 1,
                   runs_dir=runs_dir, progress=False, log=lines.append)
+
+
+def test_every_run_is_checked_before_any_trains(tmp_path, degradation, runs_dir):
+    """The last planned run (resnet20 seed 0 after plain20 seed 0) holds other settings: refused before plain20,
+    which has no directory yet, trains."""
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "resnet20-s0", runs / "resnet20-s0")  # trained for ITERATIONS, not ITERATIONS + 1
+    preset = replace(EXPERIMENTS["degradation"].preset, **TINY)
+    with pytest.raises(ValueError, match=r"resnet20-s0 holds a run with other settings: .*iterations"):
+        reproduce("degradation", tmp_path / "out", preset=preset, depths=(20,), iterations=ITERATIONS + 1,
+                  runs_dir=runs, progress=False, log=lambda line: None)
+    assert sorted(path.name for path in runs.iterdir()) == ["resnet20-s0"]
 
 
 def test_so_far_reports_unfinished_runs_at_the_furthest_common_iteration_and_trains_nothing(tmp_path, degradation,
@@ -230,6 +242,32 @@ def test_responses_reports_layer_stds_of_trained_nets(tmp_path, degradation, run
     report = (tmp_path / "report.md").read_text()
     assert "Fig. 7" in report and "resnet20" in report and "vs plain20" in report
     assert_valid_png(tmp_path / "responses.png")
+
+
+def test_demo_preset_is_the_calibrated_degradation_budget_on_digits():
+    assert (DEMO_PRESET.experiment, DEMO_PRESET.data, DEMO_PRESET.depths) == ("degradation", "digits", (20, 56))
+    assert (DEMO_PRESET.iterations, DEMO_PRESET.seeds) == (2000, 2)
+
+
+def test_demo_command_trains_its_preset_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    """`resnetlab demo` end to end, its preset cut to 2 iterations of the 20-layer nets (the preset itself: test
+    above)."""
+    import resnetlab.experiments as experiments
+
+    preset = replace(DEMO_PRESET, depths=(20,), iterations=2, seeds=1, evaluations=1, checkpoint_every=2)
+    monkeypatch.setattr(experiments, "DEMO_PRESET", preset)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("resnetlab demo: the degradation experiment (paper Fig. 6) on digits: plain and "
+                              "residual nets of 20 layers, 2 iterations, 1 seeds")
+    results = read_results(out)
+    assert results["preset"] == {**asdict(preset), "depths": [20]}
+    assert results["command"] == f"resnetlab demo --out {out}"
+    assert [run["label"] for run in results["runs"]] == ["plain20", "resnet20"]
+    assert all(RUN_KEYS <= set(run) and run["iterations"] == 2 for run in results["runs"])
+    assert f"report: {out}/report.md" in printed
+    assert_valid_png(out / "degradation.png")
 
 
 def test_unknown_experiment_and_bad_depth_are_named(tmp_path, capsys):

@@ -1,11 +1,13 @@
 """BN folding, the fast inference path, and `resnetlab export` reproduce the model's outputs."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
+from resnetlab import bench
 from resnetlab.checkpoint import save_checkpoint
 from resnetlab.cli import main
 from resnetlab.export import fast_inference, fold_batchnorm
@@ -54,8 +56,10 @@ def test_fast_bf16_path_returns_fp32_logits_close_to_fp32():
     with torch.no_grad():
         expected = model(x)
         logits = fast_inference(model, precision="bf16")(x)
+        fp32_logits = fast_inference(model, precision="fp32")(x)
     assert logits.dtype == torch.float32
     assert ((logits - expected).norm() / expected.norm()).item() < 0.05  # bf16 keeps ~3 significant digits
+    assert not torch.equal(logits, fp32_logits), "the bf16 path computed in fp32"
 
 
 @pytest.mark.slow  # compiling takes 30 s to minutes on 2 cores
@@ -112,6 +116,23 @@ def test_export_onnx_reproduces_the_model_in_onnx_runtime(checkpoint, tmp_path):
 def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope.pt"), "--format", "onnx"]) == 2
     assert f"resnetlab export: error: checkpoint {tmp_path / 'nope.pt'} does not exist" in capsys.readouterr().err
+
+
+def test_bench_train_json_reports_the_reference_and_the_default_path(monkeypatch, capsys):
+    """A few training steps per path: the command, its rows and keys (speeds are measured under -m slow only)."""
+    monkeypatch.setattr(bench, "matmul_roof", partial(bench.matmul_roof, size=64, repeats=1))  # the roof's keys
+    assert main(["bench", "train", "--model", "resnet20", "--batch-size", "8", "--seconds", "0.01", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {key: summary[key] for key in ("kind", "model", "batch_size")} == {
+        "kind": "train", "model": "resnet20", "batch_size": 8}
+    assert summary["reference"]["path"] == "reference (fp32, NCHW, per-image DataLoader)"
+    assert summary["default"]["path"].startswith("resnetlab default (fp32")
+    assert summary["paths"][:2] == [summary["reference"], summary["default"]]
+    for row in summary["paths"]:
+        assert set(row) == {"path", "images_per_second", "min", "max", "gflops", "vs_reference", "fraction_of_roof"}
+        assert 0 < row["min"] <= row["images_per_second"] <= row["max"]
+    assert summary["reference"]["vs_reference"] == 1
+    assert summary["fp32_roof_gflops"] > 0 and summary["bf16_roof_gflops"] > 0
 
 
 @pytest.mark.slow

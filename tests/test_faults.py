@@ -35,7 +35,6 @@ from resnetlab.factory import create_model
 from resnetlab.train import train
 
 ITERATIONS, CHECKPOINT_EVERY = 40, 10
-SLOW = ("--seconds-per-iteration", "0.05")  # 2 s of sleep over the run: time to catch it at a chosen iteration
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +53,21 @@ def resume_to_end(out: Path) -> None:
 
 
 def test_sigkill_at_a_random_iteration_then_resume_gives_the_uninterrupted_weights(uninterrupted, tmp_path):
-    kill_after = random.Random(6).randint(CHECKPOINT_EVERY + 2, ITERATIONS - 3)
-    out = tmp_path / "out"
-    child = launch(cli_args(out, checkpoint_every=CHECKPOINT_EVERY), *SLOW)
-    wait_for(lambda: (out / "checkpoint.pt").exists() and last_logged_iteration(out) >= kill_after, child,
-             what=f"iteration {kill_after}")
+    # Any iteration after the first checkpoint and before the last iteration, drawn afresh each time. The kill lands
+    # there, mid-run, on a machine of any speed: the child stalls as it is about to run that iteration and is killed
+    # only once it has said so (the marker), so it can neither be caught earlier nor run on to the end.
+    kill_after = random.randint(CHECKPOINT_EVERY + 1, ITERATIONS - 1)
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    child = launch(cli_args(out, checkpoint_every=CHECKPOINT_EVERY), "--stall-at-iteration", str(kill_after),
+                   str(marker))
+    wait_for(marker.exists, child, what=f"the run to stall after iteration {kill_after}")
     sigkill(child)
-    killed_at = last_logged_iteration(out)
-    saved_at = load_checkpoint(out)["iteration"]
-    assert killed_at < ITERATIONS and not (out / "summary.json").exists()
-    assert saved_at % CHECKPOINT_EVERY == 0 and kill_after - CHECKPOINT_EVERY < saved_at <= killed_at
+    assert last_logged_iteration(out) == kill_after and not (out / "summary.json").exists()
+    assert load_checkpoint(out)["iteration"] == kill_after // CHECKPOINT_EVERY * CHECKPOINT_EVERY
 
     resume_to_end(out)
     assert_same_tensors(model_weights(out), model_weights(uninterrupted))
-    assert logged_iterations(out) == list(range(1, ITERATIONS + 1)), f"killed after iteration {killed_at}"
+    assert logged_iterations(out) == list(range(1, ITERATIONS + 1)), f"killed after iteration {kill_after}"
 
 
 def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(uninterrupted, tmp_path):

@@ -36,8 +36,9 @@ from run_helpers import (
 from test_torchvision_parity import FIXTURE, deterministic
 from torch import nn
 
-from resnetlab.checkpoint import CheckpointError, load_weights
+from resnetlab.checkpoint import CheckpointError, load_checkpoint, load_weights
 from resnetlab.cli import main as cli_main
+from resnetlab.data import load_dataset
 from resnetlab.factory import create_model
 from resnetlab.models import list_models
 from resnetlab.train import prepare, resume_config, train
@@ -224,6 +225,22 @@ def test_freeze_backbone_changes_no_tensor_but_fc(digits_run, tmp_path):
     assert differing_tensors(model_weights(config.out), model_weights(digits_run)) == CLASSIFIER
 
 
+def per_channel_std(images: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 1): each channel's std, in [0, 1] units, of uint8 `images` less their per-pixel mean."""
+    pixels = images.double() / 255
+    return (pixels - pixels.mean(0)).square().mean((0, 2, 3)).sqrt().view(-1, 1, 1)
+
+
+def test_per_channel_std_divides_by_the_training_images_std(digits_run, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["train", "--model", "resnet20", "--data", "digits", "--init", str(digits_run),
+                     "--freeze-backbone", "--per-channel-std", "--iterations", "2", "--train-eval-size", "10",
+                     "--out", str(out), "--quiet"]) == 0
+    stored = load_checkpoint(out)["normalize"]
+    assert stored["std"].shape == (1, 1, 1)
+    torch.testing.assert_close(stored["std"], per_channel_std(load_dataset("digits").train.images).float())
+
+
 @pytest.mark.skipif(not CIFAR_DIR.is_dir(), reason=f"the CIFAR-10 images are not in {CIFAR_DIR}")
 def test_fine_tuning_resnet18_on_real_cifar_images_with_a_frozen_backbone(resnet18_file, tmp_path, caplog):
     path, state = resnet18_file
@@ -243,6 +260,8 @@ def test_fine_tuning_resnet18_on_real_cifar_images_with_a_frozen_backbone(resnet
     assert summary["init"] == {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                                "adapted": ["fc re-initialised for 10 classes (the file's has 1000)"]}
     assert summary["config"]["freeze_backbone"] is True and "160 train / 40 test" in summary["data_note"]
+    crops = load_dataset(f"folder:{images}").train.normalization_images()  # what the run fitted its input to
+    torch.testing.assert_close(load_checkpoint(out)["normalize"]["std"], per_channel_std(crops).float())
 
 
 def write_cifar_test_images(root: Path, per_class: int) -> None:

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnetlab import models
+from resnetlab import models, precision
 from resnetlab.cli import build_parser
 from resnetlab.factory import create_model
 from resnetlab.models import BasicBlock, Bottleneck
-from resnetlab.precision import PRECISIONS, bf16_is_faster, resolve_precision
+from resnetlab.precision import PRECISIONS, resolve_precision
 
 
 def plain_sum(block, branch, x):
@@ -107,10 +107,30 @@ def test_training_takes_fp32_and_bf16_as_they_are_and_refuses_auto():
         resolve_precision("auto", cpu, training=True)
 
 
-def test_inference_auto_is_bf16_only_on_a_cpu_where_it_is_faster():
-    assert resolve_precision("auto", torch.device("cpu"), training=False) == ("bf16" if bf16_is_faster() else "fp32")
+# /proc/cpuinfo's flags line of a Sapphire Rapids Xeon (AMX) and of an Ice Lake one (AVX512-BF16 alone); trimmed.
+AMX_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8\n"
+AVX512_BF16_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+
+
+@pytest.mark.parametrize("flags, native_bf16, expected", [
+    (AMX_FLAGS, True, "bf16"),
+    (AVX512_BF16_FLAGS, True, "fp32"),  # native bf16 measured slower than fp32 without AMX
+    (AMX_FLAGS, False, "fp32"),  # a torch without oneDNN's bf16 kernels would emulate bf16
+    (None, True, "fp32"),  # no /proc/cpuinfo (not Linux): AMX unknown
+])
+def test_inference_auto_is_bf16_only_on_a_cpu_with_amx(tmp_path, monkeypatch, flags, native_bf16, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text("processor\t: 0\nmodel name\t: a CPU\n" + flags)
+    monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", torch.device("cpu"), training=False) == expected
     assert resolve_precision("auto", torch.device("cuda"), training=False) == "fp32"  # unmeasured there: exact
-    assert resolve_precision("bf16", torch.device("cpu"), training=False) == "bf16"
+
+
+def test_inference_takes_bf16_and_fp32_as_they_are():
+    cpu = torch.device("cpu")
+    assert [resolve_precision(name, cpu, training=False) for name in ("bf16", "fp32")] == ["bf16", "fp32"]
 
 
 def test_the_cli_offers_the_library_precisions(capsys):

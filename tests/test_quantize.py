@@ -15,6 +15,7 @@ import pytest
 import torch
 from run_helpers import tiny_config
 
+import resnetlab.inference as inference
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
 from resnetlab.data import load_dataset
@@ -22,7 +23,13 @@ from resnetlab.data.augment import Normalize
 from resnetlab.factory import load_model
 from resnetlab.inference import evaluate_checkpoints, predict
 from resnetlab.precision import resolve_precision
-from resnetlab.quantize import CALIBRATION_IMAGES, OnnxRuntimeNetwork, calibration_batch, quantized_onnx
+from resnetlab.quantize import (
+    CALIBRATION_IMAGES,
+    OnnxRuntimeNetwork,
+    calibration_batch,
+    int8_inference,
+    quantized_onnx,
+)
 from resnetlab.train import train
 
 onnx = pytest.importorskip("onnx")
@@ -51,6 +58,26 @@ def test_calibration_images_are_evenly_spaced_training_images_normalized():
     spaced = np.linspace(0, len(data) - 1, 4).round().astype(int)
     assert torch.equal(batch, normalize(data.images[spaced]))
     assert len(calibration_batch(data, normalize)) == CALIBRATION_IMAGES
+
+
+def test_int8_calibrates_on_the_runs_training_images_not_its_test_images(run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    calibrations = []
+
+    def recording_int8_inference(model, calibration):
+        calibrations.append(calibration)
+        return int8_inference(model, calibration)
+
+    monkeypatch.setattr(inference, "int8_inference", recording_int8_inference)
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(image)
+    predict(run, [image], k=1, precision="int8")
+    normalize = Normalize.from_state_dict(load_checkpoint(run)["normalize"])
+    digits = load_dataset("digits")
+    assert len(calibrations) == 1
+    assert torch.equal(calibrations[0], calibration_batch(digits.train, normalize))
+    assert not torch.equal(calibrations[0][:100], calibration_batch(digits.test, normalize)[:100])
 
 
 def test_int8_export_holds_int8_weights_per_channel_and_quantized_activations(int8_file):
@@ -84,9 +111,13 @@ def test_int8_file_in_onnx_runtime_follows_the_fp32_model(run, int8_file):
     assert (int8_logits.argmax(1) == fp32_logits.argmax(1)).float().mean().item() >= 0.98
 
 
-def test_evaluate_in_int8_is_within_a_point_of_fp32(run, capsys):
+def test_evaluate_in_int8_is_within_a_point_of_fp32(run, capsys, monkeypatch):
     fp32 = evaluate_checkpoints([run], device="cpu")
+    batch_sizes = []
+    forward = OnnxRuntimeNetwork.forward
+    monkeypatch.setattr(OnnxRuntimeNetwork, "forward", lambda self, x: batch_sizes.append(len(x)) or forward(self, x))
     int8 = evaluate_checkpoints([run], device="cpu", precision="int8")
+    assert sum(batch_sizes) == int8["images"] == 360, "every test image went through the int8 network"
     assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
     assert fp32["top1_error"] < 0.15, "the network is trained"
     assert abs(int8["top1_error"] - fp32["top1_error"]) <= 0.01
@@ -107,6 +138,7 @@ def test_predict_in_int8_ranks_as_fp32(run, tmp_path):
     int8 = predict(run, paths, k=1, precision="int8")
     assert [top[0][0] for top in int8] == [top[0][0] for top in fp32]
     assert [top[0][1] for top in int8] == pytest.approx([top[0][1] for top in fp32], abs=0.05)
+    assert [top[0][1] for top in int8] != [top[0][1] for top in fp32], "int8 rounds: its scores are not fp32's"
 
 
 def test_int8_module_refuses_a_batch_off_the_cpu(run):

@@ -15,7 +15,7 @@ from run_helpers import read_metrics, tiny_config
 
 import resnetlab.train as training
 from resnetlab import recipes, runlog
-from resnetlab.cli import add_train_arguments
+from resnetlab.cli import add_train_arguments, build_parser
 from resnetlab.cli import main as cli_main
 from resnetlab.recipes import RECIPE_KEYS, RECIPES, RUN_KEYS, TrainConfig, flag, resolve_config
 from resnetlab.schedule import LrSchedule
@@ -269,6 +269,33 @@ def test_cli_names_a_missing_data_flag(tmp_path, monkeypatch, capsys):
     assert cli_main(["train", "--model", "resnet20", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--data" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def every_parser(parser: argparse.ArgumentParser):
+    """`parser` and its subcommands' parsers, theirs too (detect's actions)."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from every_parser(subparser)
+
+
+def test_no_parser_matches_a_flag_by_its_prefix():
+    parsers = list(every_parser(build_parser()))
+    assert {"resnetlab", "resnetlab train", "resnetlab detect", "resnetlab detect train"} <= {p.prog for p in parsers}
+    assert all(parser.allow_abbrev is False for parser in parsers), [p.prog for p in parsers if p.allow_abbrev]
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["detect", "train", "--backbone", "resnet18"], "--backbone resnet18"),  # was taken as --backbone-weights
+    (["train", "--model", "resnet20", "--iter", "3"], "--iter 3"),
+    (["evaluate", "runs/x", "--prec", "int8"], "--prec int8"),
+])
+def test_a_shortened_flag_is_an_error_that_names_it(capsys, argv, named):
+    with pytest.raises(SystemExit) as exit:
+        cli_main(argv)
+    assert exit.value.code == 2
+    assert f"error: unrecognized arguments: {named}\n" in capsys.readouterr().err
 
 
 def test_config_round_trips_through_its_dict():

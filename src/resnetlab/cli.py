@@ -54,7 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoints([args.checkpoint, *args.ensemble], args.data, args.mode,
                                   batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                                  calibration_data=args.calibration_data, progress=True)
+                                  calibration_data=args.calibration_data, model_name=args.model, progress=True)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -71,7 +71,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from resnetlab.inference import predict
 
     rankings = predict(args.checkpoint, args.images, args.top, precision=args.precision,
-                       calibration_data=args.calibration_data)
+                       calibration_data=args.calibration_data, model_name=args.model)
     if args.json:
         print(json.dumps([{"image": path, "top": [p._asdict() for p in ranking]}
                           for path, ranking in zip(args.images, rankings)], indent=2))
@@ -206,6 +206,11 @@ def add_calibration_argument(p: argparse.ArgumentParser) -> None:
                    "calibrate the quantization (default: the one the checkpoint was trained on)")
 
 
+def add_foreign_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", help="the model that a weights file from another project holds, e.g. "
+                   "resnet20 for akamaster/pytorch_resnet_cifar10's resnet20.th")
+
+
 # The sections of a training command's --help, in this order.
 DATA, MODEL, OPTIMIZER, COMPUTE, LOGGING = ("data", "model and weights", "optimizer and schedule", "compute",
                                             "logging and checkpoints")
@@ -307,8 +312,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the metrics as TensorBoard scalars under OUT/tb (pip install tensorboard)")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser without its prefix matching, which took `detect train --backbone resnet18` for
+    --backbone-weights: a flag is taken only as spelled, anything else is an error that names it. Subcommands'
+    parsers are of this class too (argparse makes them of their parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="table of every named model: params and MACs beside the paper's figures")
@@ -321,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 test error of a checkpoint (or an ensemble) in a testing mode")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it, or with "
+                   "--model another project's weights file")
+    add_foreign_model_argument(p)
     p.add_argument("--data", help="dataset spec (default: the one the checkpoint was trained on); its test split")
     p.add_argument("--mode", default="center",
                    help="center (default), 10crop (corners + center and flips; for data mirrored in training) or "
@@ -336,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="the most probable classes of image files")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint.pt or the run directory holding it, or with "
+                   "--model another project's weights file")
+    add_foreign_model_argument(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read")
     p.add_argument("--top", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
     p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS,

@@ -163,11 +163,13 @@ def top_k_error(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_models(checkpoints: Sequence[str | Path], device: torch.device) -> list[tuple[nn.Module, dict]]:
-    """The models of an ensemble, on `device`; they must predict the same classes in the same order."""
+def load_models(checkpoints: Sequence[str | Path], device: torch.device,
+                model_name: str | None = None) -> list[tuple[nn.Module, dict]]:
+    """The models of an ensemble, on `device`; they must predict the same classes in the same order. With
+    `model_name`, files of another project's weights are that model (factory.load_model)."""
     if not checkpoints:
         raise ValueError("no checkpoint given")
-    models = [load_model(path) for path in checkpoints]
+    models = [load_model(path, model_name=model_name) for path in checkpoints]
     first_classes = models[0][1]["classes"]
     for path, (_, state) in zip(checkpoints[1:], models[1:]):
         if state["classes"] != first_classes:

@@ -47,9 +47,11 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, mode: str = "center", *,
                          device: str = "auto", batch_size: int = 500, workers: int = 0, precision: str = "fp32",
-                         calibration_data: str | None = None, progress: bool = False) -> dict:
+                         calibration_data: str | None = None, model_name: str | None = None,
+                         progress: bool = False) -> dict:
     """Top-1/top-5 error on the test split of `data` (default: the dataset the first checkpoint was trained on),
-    its images seen at the resolution the checkpoints were trained at.
+    its images seen at the resolution the checkpoints were trained at. `model_name`: the model that files of another
+    project's weights hold (they record no dataset: give `data`).
 
     `precision`: fp32 (the model as trained), bf16 (autocast), int8 (`quantize`: each checkpoint calibrated on
     the training split of `calibration_data`, by default its own run's dataset), or auto (`resolve_precision`)."""
@@ -58,7 +60,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     target = inference_device(device, precision)
     precision = resolve_precision(precision, target, training=False)
-    models = load_models(checkpoints, target)
+    models = load_models(checkpoints, target, model_name)
     if mode == "multiscale":  # refused before any data is read
         for path, (_, state) in zip(checkpoints, models):
             check_multiscale_fits(Normalize.from_state_dict(state["normalize"]), checkpoint_path(path))
@@ -114,9 +116,10 @@ class Prediction(NamedTuple):
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 5, *,
-            device: str = "auto", precision: str = "auto", calibration_data: str | None = None
-            ) -> list[list[Prediction]]:
-    """The k most probable classes of each image, most probable first.
+            device: str = "auto", precision: str = "auto", calibration_data: str | None = None,
+            model_name: str | None = None) -> list[list[Prediction]]:
+    """The k most probable classes of each image, most probable first. `model_name`: the model that a file of
+    another project's weights holds (factory.load_model).
 
     Images are decoded with Pillow (grayscale for a 1-channel model) and brought to the training input size, which
     the checkpoint's per-pixel mean gives (224 when the mean is per channel); a model trained on an image folder
@@ -129,7 +132,7 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
         raise ValueError(f"--top must be >= 1, got {k}")
     target = inference_device(device, precision)
     precision = resolve_precision(precision, target, training=False)  # before any image is read
-    model, state = load_model(checkpoint)
+    model, state = load_model(checkpoint, model_name=model_name)
     normalize = Normalize.from_state_dict(state["normalize"])
     channels = state["model_kwargs"].get("in_channels", 3)
     side = training_side(normalize)

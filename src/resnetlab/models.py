@@ -8,6 +8,9 @@ so a torchvision checkpoint loads with strict=True. The paper's options are cons
 - ``shortcut`` picks how a residual block's shortcut is built (paper Sec. 3.3 / Table 3):
   "A" identity, subsampled and zero-padded where the shape changes (no parameters);
   "B" 1x1 projection + BN only where the shape changes; "C" projection + BN on every block.
+- ``shortcut_padding`` says where option A puts its zero channels: "after" the identity's (the default), or
+  "both": half before and half after, as the CIFAR nets of akamaster/pytorch_resnet_cifar10 do. The two compute
+  different functions of the same weights, so a network trained with one needs it to be run with the same.
 - ``stride_in_1x1=True`` puts a bottleneck's stride-2 on its first 1x1 conv, as the paper does ("v1", 3.86 GMACs
   for 50 layers); the default puts it on the 3x3 as torchvision does ("v1.5", 4.09 GMACs).
 - ``stem="cifar"`` gives the CIFAR networks of Sec. 4.2: a 3x3 conv stem, no max-pool, three stages of 16/32/64 filters.
@@ -18,7 +21,8 @@ training step for memory (each stage's blocks are recomputed in backward instead
 autocast does (`add_shortcut`; the benchmarks measure what the fp32 default costs and buys).
 
 Fine-tuning: ``model.freeze_backbone()`` leaves only the classifier to train. This module reads and writes no
-files: a model built from a name with weights (``create_model(name, weights=PATH)``) comes from `factory`.
+files: a model built from a name with weights (``create_model(name, weights=PATH)``, from a resnetlab run, a
+torchvision/timm file or another project's file whose layout resnetlab knows) comes from `factory`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 SHORTCUTS = ("A", "B", "C")
+SHORTCUT_PADDINGS = ("after", "both")
 STEMS = ("imagenet", "cifar")
 
 
@@ -47,29 +52,33 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option A: the identity, subsampled by `stride` and with zero channels appended; it has no parameters."""
+    """Option A: the identity, subsampled by `stride` and with zero channels added; it has no parameters.
+    `padding` "after" appends them; "both" puts half of them before the identity's channels and half after."""
 
-    def __init__(self, extra_channels: int, stride: int):
+    def __init__(self, extra_channels: int, stride: int, padding: str = "after"):
         super().__init__()
         self.extra_channels = extra_channels
         self.stride = stride
+        self.padding = padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        before = self.extra_channels // 2 if self.padding == "both" else 0
+        return F.pad(x, (0, 0, 0, 0, before, self.extra_channels - before))
 
     def extra_repr(self) -> str:
-        return f"extra_channels={self.extra_channels}, stride={self.stride}"
+        return f"extra_channels={self.extra_channels}, stride={self.stride}, padding={self.padding!r}"
 
 
-def make_shortcut(in_planes: int, out_planes: int, stride: int, shortcut: str) -> nn.Module | None:
+def make_shortcut(in_planes: int, out_planes: int, stride: int, shortcut: str,
+                  padding: str = "after") -> nn.Module | None:
     """The module added to a block's output, or None for the plain identity (torchvision's `downsample`)."""
     shape_changes = stride != 1 or in_planes != out_planes
     if shortcut == "C" or (shortcut == "B" and shape_changes):
         return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
     if shortcut == "A" and shape_changes:
-        return ZeroPadShortcut(out_planes - in_planes, stride)
+        return ZeroPadShortcut(out_planes - in_planes, stride, padding)
     return None
 
 
@@ -80,7 +89,7 @@ class BasicBlock(nn.Module):
     fp32_residual_stream = True  # see add_shortcut; ResNet.fp32_residual_stream sets it on every block
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
-                 shortcut: str = "B", stride_in_1x1: bool = False):
+                 shortcut: str = "B", shortcut_padding: str = "after", stride_in_1x1: bool = False):
         super().__init__()
         out_planes = planes * self.expansion
         self.conv1 = conv3x3(in_planes, planes, stride)
@@ -89,7 +98,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
         self.residual = residual
-        self.downsample = make_shortcut(in_planes, out_planes, stride, shortcut) if residual else None
+        self.downsample = (make_shortcut(in_planes, out_planes, stride, shortcut, shortcut_padding) if residual
+                           else None)
 
     def residual_branch_end(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -107,7 +117,7 @@ class Bottleneck(nn.Module):
     fp32_residual_stream = True  # see add_shortcut; ResNet.fp32_residual_stream sets it on every block
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True,
-                 shortcut: str = "B", stride_in_1x1: bool = False):
+                 shortcut: str = "B", shortcut_padding: str = "after", stride_in_1x1: bool = False):
         super().__init__()
         out_planes = planes * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -119,7 +129,8 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
         self.residual = residual
-        self.downsample = make_shortcut(in_planes, out_planes, stride, shortcut) if residual else None
+        self.downsample = (make_shortcut(in_planes, out_planes, stride, shortcut, shortcut_padding) if residual
+                           else None)
 
     def residual_branch_end(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -155,10 +166,12 @@ class ResNet(nn.Module):
     and a 3x3/2 max-pool. CIFAR nets: 3 stages of 16/32/64 planes after a 3x3 conv, no max-pool."""
 
     def __init__(self, block: Block, layers: list[int], *, num_classes: int = 1000, in_channels: int = 3,
-                 residual: bool = True, shortcut: str = "B", stride_in_1x1: bool = False,
-                 zero_init_residual: bool = False, stem: str = "imagenet", widths: tuple[int, ...] | None = None):
+                 residual: bool = True, shortcut: str = "B", shortcut_padding: str = "after",
+                 stride_in_1x1: bool = False, zero_init_residual: bool = False, stem: str = "imagenet",
+                 widths: tuple[int, ...] | None = None):
         super().__init__()
         check_choice("shortcut", shortcut, SHORTCUTS)
+        check_choice("shortcut_padding", shortcut_padding, SHORTCUT_PADDINGS)
         check_choice("stem", stem, STEMS)
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
@@ -188,7 +201,7 @@ class ResNet(nn.Module):
             for b in range(blocks):
                 stride = 2 if index > 0 and b == 0 else 1
                 stage.append(block(in_planes, planes, stride, residual=residual, shortcut=shortcut,
-                                   stride_in_1x1=stride_in_1x1))
+                                   shortcut_padding=shortcut_padding, stride_in_1x1=stride_in_1x1))
                 in_planes = planes * block.expansion
             name = f"layer{index + 1}"
             self.add_module(name, nn.Sequential(*stage))
@@ -385,8 +398,8 @@ def build_model(name: str, **kwargs) -> ResNet:
     try:
         return MODELS[name].build(**kwargs)
     except TypeError as error:  # an unknown keyword: say which are valid
-        raise ValueError(f"{name}: {error}; valid arguments: num_classes, in_channels, shortcut, stride_in_1x1, "
-                         "zero_init_residual, widths, weights") from None
+        raise ValueError(f"{name}: {error}; valid arguments: num_classes, in_channels, shortcut, "
+                         "shortcut_padding, stride_in_1x1, zero_init_residual, widths, weights") from None
 
 
 def model_family(name: str) -> str:

@@ -20,6 +20,7 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")  # training's choices, its 
 # Inference may also ask for "auto", predict's default: bf16 where it is measured faster than fp32, else fp32.
 INFERENCE_PRECISIONS = ("auto", "bf16", "fp32", "int8")
 EXPORT_PRECISIONS = ("fp32", "int8")  # what `resnetlab export` writes: the fp32 network, or its int8 form
+CPUINFO = Path("/proc/cpuinfo")  # the CPU's feature flags (Linux); `bf16_is_faster` looks for AMX there
 
 
 def check_precision(name: object, *, training: bool) -> None:
@@ -79,8 +80,7 @@ def bf16_is_faster() -> bool:
     """Whether bf16 should be the fast path on this CPU: only with AMX tiles. With AVX512-BF16 alone, oneDNN's bf16
     kernels were slower than fp32 for training and inference on an Intel Xeon, and faster for training on an AMD
     EPYC (docs/benchmarks.md, section 1); inference there is unmeasured, so the rule stays AMX-only until it is."""
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpu_has_bf16() and cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
+    return cpu_has_bf16() and CPUINFO.is_file() and "amx_bf16" in CPUINFO.read_text()
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -138,6 +138,10 @@ def prepare(config: TrainConfig, resume: bool) -> Run:
     model_kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels}
     if config.shortcut is not None:
         model_kwargs["shortcut"] = config.shortcut
+    if init is not None:  # another project's network may need options of its own (Weights.model_kwargs)
+        model_kwargs = init.model_kwargs(model_kwargs)
+    if state is not None:  # a resumed run is rebuilt as it was built, --init's options included
+        model_kwargs = state["model_kwargs"]
     network = create_model(config.model, **model_kwargs)
     origin = None  # where the weights came from: --init's file, or what the resumed checkpoint recorded
     if init is not None:

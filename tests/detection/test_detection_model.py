@@ -1,7 +1,10 @@
-"""resnetlab.detection.model: the paper's trunk/head split of every kind of backbone, frozen BN that stays
-constant while the rest trains, and backbone weights loaded from a torchvision-format file or a resnetlab run."""
+"""resnetlab.detection.model: the paper's trunk/head split of every kind of backbone, RoI pooling at the trunk's
+stride, a trained classifier's BN frozen and its first layers kept, and backbone weights loaded from a
+torchvision-format file or a resnetlab run."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch import nn
 pytest.importorskip("torchvision", reason="detection needs torchvision (pip install -e '.[detection]'); .ci/run "
                     "runs these tests in a second environment")
 
+from test_export import with_trained_looking_bn  # noqa: E402
 from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from resnetlab.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
@@ -89,6 +93,47 @@ def test_the_detector_trains_on_losses_and_predicts_boxes(name):
     assert pool.pool.spatial_scale == 1 / model.backbone.stride
 
 
+@pytest.mark.parametrize(("name", "stride"), [("resnet18", 16), ("resnet20", 2), ("vgg16", 16)])
+@torch.no_grad()
+def test_roi_pooling_pools_the_trunk_cells_under_the_box(name, stride):
+    pool = small_detector(name).roi_heads.box_roi_pool
+    y, x = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    feature_map = torch.stack([100 * y + x, -(100 * y + x)])[None]  # cell (y, x) holds 100y + x, and its negative
+    box = torch.tensor([[2.0, 3.0, 4.0, 5.0]]) * stride  # x1, y1, x2, y2 in image pixels: cells x 2..4, y 3..5
+    regions = pool({"0": feature_map}, [box], [(8 * stride, 8 * stride)])
+    assert regions.amax((-2, -1)).tolist() == [[504.0, -302.0]]  # its last cell (5, 4) and its first (3, 2)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20"])
+@torch.no_grad()
+def test_a_trained_classifier_computes_in_the_training_detector_as_in_eval_mode(name):
+    """Every BN of the trunk and the head frozen: the detector in training mode computes the classifier's eval-mode
+    features, not batch statistics."""
+    torch.manual_seed(0)
+    classifier = with_trained_looking_bn(create_model(name))
+    model = build_detector(name, 4, frozen_bn=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                           classifier=copy.deepcopy(classifier), **SMALL).train()
+    images = torch.randn(2, 3, 64, 96)
+    torch.testing.assert_close(model.backbone(images),
+                               classifier.forward_stages(images)[classifier.stage_names[-2]])
+    regions = torch.randn(3, model.backbone.out_channels, 6, 6)
+    last_stage = getattr(classifier, classifier.stage_names[-1])
+    torch.testing.assert_close(model.roi_heads.box_head(regions), classifier.avgpool(last_stage(regions)).flatten(1))
+
+
+@pytest.mark.parametrize(("name", "kept"), [
+    ("resnet18", ("backbone.conv1.", "backbone.layer1.")),  # the stem and conv2_x
+    ("resnet20", ("backbone.conv1.", "backbone.layer1.")),
+    ("vgg16", tuple(f"backbone.features.{i}." for i in (0, 2, 5, 7))),  # conv1_1, conv1_2, conv2_1, conv2_2
+])
+def test_a_trained_classifier_s_first_layers_are_kept_and_the_rest_trains(name, kept):
+    parameters = dict(small_detector(name, frozen_bn=True).named_parameters())
+    fixed = {key for key, parameter in parameters.items() if not parameter.requires_grad}
+    assert fixed == {key for key in parameters if key.startswith(kept)}
+    assert all(any(key.startswith(layer) for key in fixed) for layer in kept)
+    assert all(parameter.requires_grad for parameter in small_detector(name, frozen_bn=False).parameters())
+
+
 def test_frozen_bn_stays_constant_while_the_convolutions_train():
     torch.manual_seed(0)
     model = small_detector(frozen_bn=True)
@@ -124,8 +169,8 @@ def test_torchvision_format_weights_load_into_trunk_and_head(tmp_path):
         if tensor.is_floating_point():
             tensor.copy_(torch.randn_like(tensor) * 0.01 + (1.0 if "running_var" in name else 0.0)).abs_()
     torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
-    network, mean, std = pretrained_classifier("resnet18", tmp_path / "resnet18.pth")
-    assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+    network, settings, mean, std = pretrained_classifier("resnet18", tmp_path / "resnet18.pth")
+    assert (settings, mean, std) == ({}, IMAGENET_MEAN, IMAGENET_STD)
     model = build_detector("resnet18", 4, frozen_bn=True, image_mean=mean, image_std=std, classifier=network,
                            **SMALL)
     state = model.state_dict()
@@ -155,8 +200,9 @@ def test_a_resnetlab_run_gives_its_weights_and_its_own_mean(tmp_path):
     save_checkpoint({"model_name": "resnet20", "model_kwargs": {"num_classes": 10, "in_channels": 3},
                      "normalize": {"mean": mean, "std": None}, "model": classifier.state_dict(), "classes": []},
                     tmp_path / "checkpoint.pt")
-    network, image_mean, image_std = pretrained_classifier("resnet20", tmp_path)
+    network, settings, image_mean, image_std = pretrained_classifier("resnet20", tmp_path)
     assert image_mean == pytest.approx((0.5 + 0.32 / 1024, 0.4, 0.3)) and image_std == (1.0, 1.0, 1.0)
+    assert settings == {"num_classes": 10, "in_channels": 3}
     assert torch.equal(network.layer2[0].conv1.weight, classifier.layer2[0].conv1.weight)
     with pytest.raises(CheckpointError, match="holds a resnet20, not a resnet32"):
         pretrained_classifier("resnet32", tmp_path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_detection_data import coco_subset, needs_coco128, needs_extra, voc_object, write_voc
+from test_export import with_trained_looking_bn
 
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
@@ -81,6 +82,27 @@ def test_predict_prints_json_and_draws_the_image(finished_run, three_images, tmp
 
 
 @needs_extra
+def test_a_detection_is_drawn_as_its_box_and_label_and_nothing_else(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from resnetlab.detection.train import PALETTE, draw_detections
+
+    image = tmp_path / "street.png"
+    Image.new("RGB", (120, 90), (40, 40, 40)).save(image)
+    drawn = draw_detections(image, [{"class": "cat", "score": 0.9, "box": [30.0, 40.0, 80.0, 70.0]}], tmp_path / "out")
+    with Image.open(drawn) as picture:
+        pixels = torch.from_numpy(np.array(picture.convert("RGB")))
+    changed = (pixels != 40).any(-1)  # (90, 120): rows y, columns x
+    outline = [changed[40, 30:81], changed[70, 30:81], changed[40:71, 30], changed[40:71, 80]]
+    assert all(edge.all() for edge in outline) and pixels[40, 55].tolist() == list(PALETTE[0])
+    assert not changed[43:68, 33:78].any()  # the image inside the box is untouched
+    # Outside the box, only the label's strip just above it: nothing left of, below or right of the box, nor higher.
+    assert not changed[:, :30].any() and not changed[71:].any() and not changed[40:, 81:].any()
+    assert changed[25:40].any() and not changed[:20].any()
+
+
+@needs_extra
 @needs_coco128
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(three_images, tmp_path, monkeypatch):
     import resnetlab.detection.train as detection_train
@@ -111,6 +133,56 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(three_image
 
 
 @needs_extra
+def test_a_detector_on_a_shortcut_b_classifier_resumes_and_reloads_as_trained(tmp_path, monkeypatch, capsys):
+    """The detector keeps the classifier's settings (here shortcut B, whose projections the default resnet20 lacks):
+    --resume, evaluate and predict rebuild it. It also keeps the classifier's first layers and normalization."""
+    import resnetlab.detection.train as detection_train
+    from resnetlab.detection.recipes import resolve_detection_config
+    from resnetlab.factory import create_model
+
+    classifier = with_trained_looking_bn(create_model("resnet20", shortcut="B"))
+    mean, std = torch.rand(3, 32, 32), torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    save_checkpoint({"model_name": "resnet20", "model_kwargs": {"num_classes": 10, "in_channels": 3, "shortcut": "B"},
+                     "normalize": {"mean": mean, "std": std}, "model": classifier.state_dict(),
+                     "classes": [str(i) for i in range(10)]}, tmp_path / "classifier.pt")
+    voc = write_voc(tmp_path / "VOC2007", {"000001": [voc_object("cat", (5, 5, 30, 25))],
+                                           "000002": [voc_object("dog", (2, 3, 20, 28))]})
+    out = tmp_path / "out"
+    config = resolve_detection_config("small", model="resnet20", data=f"voc:{voc}", out=out, eval_split="trainval",
+                                      backbone_weights=str(tmp_path / "classifier.pt"), iterations=2,
+                                      images_per_batch=1, checkpoint_every=1, workers=0)
+    save, in_memory = detection_train.save_detection_state, {}
+
+    def save_keeping_the_model(run, iteration, elapsed):
+        save(run, iteration, elapsed)
+        in_memory["model"] = run.model
+        if iteration == 1 and not run.start:
+            raise KeyboardInterrupt  # stopped after the first iteration, to be resumed
+
+    monkeypatch.setattr(detection_train, "save_detection_state", save_keeping_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        detection_train.train_detector(config, progress=False)
+    detection_train.train_detector(detection_train.resume_detection_config(out), resume=True, progress=False)
+
+    trained = in_memory["model"].eval()
+    reloaded, _ = detection_train.load_detector(out, torch.device("cpu"))
+    assert any(key.endswith("downsample.0.weight") for key in reloaded.state_dict())
+    images = [torch.rand(3, 30, 40)]
+    with torch.no_grad():
+        for key, value in trained(images)[0].items():
+            assert torch.equal(reloaded(images)[0][key], value), key
+        torch.testing.assert_close(reloaded.backbone(images[0][None]), trained.backbone(images[0][None]))
+    weights = reloaded.state_dict()
+    for key in ("conv1.weight", "layer1.2.conv2.weight"):  # the first layers are the classifier's
+        assert torch.equal(weights[f"backbone.{key}"], classifier.state_dict()[key])
+    assert reloaded.transform.image_mean == pytest.approx(mean.mean((1, 2)).tolist())
+    assert reloaded.transform.image_std == pytest.approx([0.2, 0.3, 0.4])
+    assert main(["detect", "evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    assert main(["detect", "predict", str(out), str(voc / "JPEGImages" / "000001.jpg"), "--out", str(tmp_path)]) == 0
+
+
+@needs_extra
 def test_errors_name_the_problem_before_any_training(tmp_path, capsys):
     from resnetlab.factory import create_model
 
@@ -130,6 +202,8 @@ def test_errors_name_the_problem_before_any_training(tmp_path, capsys):
     assert "takes 1-channel images; detection needs an RGB (3-channel) classifier" in capsys.readouterr().err
     assert main(["detect", "train", "--model", "resnet21", "--data", f"voc:{voc}", "--out", str(tmp_path)]) == 2
     assert "--model 'resnet21' is not a backbone" in capsys.readouterr().err
+    assert main(["detect", "train", "--data", f"voc:{voc}", "--out", str(tmp_path)]) == 2
+    assert "error: --model is required: the backbone, one of resnet18, " in capsys.readouterr().err
     assert main(["detect", "train", "--model", "resnet20", "--data", f"voc:{voc}", "--out", str(tmp_path),
                  "--min-size", "1200"]) == 2
     assert "--min-size 1200 must not exceed --max-size 1000" in capsys.readouterr().err

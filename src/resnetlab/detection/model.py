@@ -9,9 +9,10 @@ R-CNN's own: the trunk is conv1_1..conv5_3 (stride 16), each region is RoI-poole
 and fc7.
 
 When the backbone comes from a trained classifier, its BN layers become torchvision's FrozenBatchNorm2d: the
-ImageNet statistics and affine parameters turned into a constant scale and shift, as the paper does. From
-scratch, BN is trained as usual. Everything detection-specific (the anchors, the RPN, proposal selection,
-sampling, the losses, the resizing transform) is torchvision's.
+ImageNet statistics and affine parameters turned into a constant scale and shift, as the paper does; and its first
+layers keep the classifier's weights (`freeze_early_layers`). From scratch, everything trains, BN included.
+Everything detection-specific (the anchors, the RPN, proposal selection, sampling, the losses, the resizing
+transform) is torchvision's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from resnetlab.models import MODELS, ResNet
 
 VGG16 = "vgg16"
 VGG16_ROI_POOL_SIZE = 7  # fc6 takes 7x7x512, as in Fast/Faster R-CNN
+VGG16_CONV3_1 = 10  # the index of conv3_1 in torchvision's vgg16().features
 # torchvision's ImageNet weights expect inputs normalized with these (in [0, 1] units).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,17 +113,31 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def classification_network(backbone: str) -> nn.Module:
-    """A fresh classifier of the named architecture, with torchvision's module names (so its weights load)."""
+def freeze_early_layers(network: nn.Module, backbone: str) -> None:
+    """Keep the first layers of a trained classifier as they are: a ResNet's stem and first stage (conv1 and
+    conv2_x), as Detectron's C4 detectors do when they start from ImageNet weights, and VGG-16's conv1_x and
+    conv2_x, as Faster R-CNN does (it fine-tunes from conv3_1 up). Those layers compute generic low-level features
+    that the classifier has already learnt."""
+    early = network.features[:VGG16_CONV3_1] if backbone == VGG16 else [network.conv1, network.layer1]
+    for module in early:
+        module.requires_grad_(False)
+
+
+def classification_network(backbone: str, settings: dict | None = None) -> nn.Module:
+    """A fresh classifier of the named architecture with `settings` (create_model's keyword arguments, e.g.
+    shortcut="B"), with torchvision's module names (so its weights load)."""
     if backbone == VGG16:
         return vgg16()
     if backbone not in MODELS:
         raise ValueError(f"--model {backbone!r} is not a backbone; choose one of {', '.join(backbone_names())}")
-    return create_model(backbone)
+    return create_model(backbone, **(settings or {}))
 
 
-def pretrained_classifier(backbone: str, weights: str | Path) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
-    """The classifier `weights` holds, and the input normalization its training used (mean, std in [0, 1] units).
+def pretrained_classifier(backbone: str, weights: str | Path
+                          ) -> tuple[nn.Module, dict, tuple[float, ...], tuple[float, ...]]:
+    """The classifier `weights` holds, its settings (`classification_network` rebuilds it from them: a resnetlab
+    run's model_kwargs, none for a torchvision file), and the input normalization its training used (mean, std in
+    [0, 1] units).
 
     `weights` is a resnetlab run directory or checkpoint (the network it names, normalized with its fitted mean
     and std, std 1 when it fitted none), or a torchvision-format state_dict file (.pth/.pt or .safetensors), such
@@ -141,7 +157,7 @@ def pretrained_classifier(backbone: str, weights: str | Path) -> tuple[nn.Module
         normalize = checkpoint["normalize"]
         mean = tuple(normalize["mean"].mean((1, 2)).tolist())
         std = (1.0, 1.0, 1.0) if normalize.get("std") is None else tuple(normalize["std"].flatten().tolist())
-        return network, mean, std
+        return network, dict(checkpoint["model_kwargs"]), mean, std
     network = classification_network(backbone)
     if backbone != VGG16:
         load_weights(network, read, backbone)
@@ -154,18 +170,22 @@ def pretrained_classifier(backbone: str, weights: str | Path) -> tuple[nn.Module
         raise CheckpointError(f"--backbone-weights {path} is not a torchvision-format {backbone} state_dict: "
                               f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                               f"(e.g. {unexpected[:2]})")
-    return network, IMAGENET_MEAN, IMAGENET_STD
+    return network, {}, IMAGENET_MEAN, IMAGENET_STD
 
 
 def build_detector(backbone: str, num_classes: int, *, frozen_bn: bool, image_mean: Sequence[float],
                    image_std: Sequence[float], min_size: int, max_size: int, anchor_sizes: Sequence[int],
                    aspect_ratios: Sequence[float], roi_pool_size: int, rpn_pre_nms_train: int, rpn_post_nms_train: int,
                    rpn_pre_nms_test: int, rpn_post_nms_test: int, rpn_batch_size: int, rois_per_image: int,
-                   box_nms_threshold: float, detections_per_image: int, classifier: nn.Module | None = None
-                   ) -> FasterRCNN:
-    """Faster R-CNN on `backbone` (a resnetlab model name or "vgg16") for `num_classes` classes including the
-    background. `classifier` (with trained weights) is split into trunk and head; None starts from scratch."""
-    network = classifier if classifier is not None else classification_network(backbone)
+                   box_nms_threshold: float, detections_per_image: int, backbone_kwargs: dict | None = None,
+                   classifier: nn.Module | None = None) -> FasterRCNN:
+    """Faster R-CNN on `backbone` (a resnetlab model name or "vgg16", built with `backbone_kwargs`) for
+    `num_classes` classes including the background. `classifier` (with trained weights) is split into trunk and
+    head; None starts from a fresh network. `frozen_bn` (a detector of a trained classifier): BN frozen and the
+    first layers kept (`freeze_early_layers`)."""
+    network = classifier if classifier is not None else classification_network(backbone, backbone_kwargs)
+    if frozen_bn:
+        freeze_early_layers(network, backbone)
     trunk, head = split_vgg16(network) if backbone == VGG16 else split_resnet(network)
     if frozen_bn:
         freeze_batch_norm(trunk)

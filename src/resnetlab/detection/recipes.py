@@ -133,6 +133,8 @@ def validate_detection(config: DetectionConfig) -> None:
         raise ValueError(f"--device {config.device!r} is not valid; choose one of {', '.join(DEVICES)}")
     if not isinstance(config.out, str) or not config.out:
         raise ValueError(f"--out is required: the directory the run writes into (got {config.out!r})")
+    if config.model is None:
+        raise ValueError(f"--model is required: the backbone, one of {', '.join(backbone_names())}")
     if config.model not in backbone_names():
         raise ValueError(f"--model {config.model!r} is not a backbone; choose one of {', '.join(backbone_names())}")
     if not isinstance(config.data, str):

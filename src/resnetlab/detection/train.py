@@ -54,10 +54,14 @@ class DetectionRun:
     elapsed: float = 0.0
 
 
-def detector_kwargs(config: DetectionConfig, num_classes: int, frozen_bn: bool, mean, std) -> dict:
+def detector_kwargs(config: DetectionConfig, num_classes: int, frozen_bn: bool, backbone_kwargs: dict, mean,
+                    std) -> dict:
+    """build_detector's arguments, stored in checkpoints: evaluate, predict and --resume rebuild the detector from
+    them, its backbone with the classifier's own settings (a shortcut-B resnet20 is not the default one)."""
     recipe = asdict(config.recipe)
-    return {"backbone": config.model, "num_classes": num_classes, "frozen_bn": frozen_bn,
-            "image_mean": list(mean), "image_std": list(std), **{key: recipe[key] for key in DETECTOR_FIELDS}}
+    return {"backbone": config.model, "backbone_kwargs": backbone_kwargs, "num_classes": num_classes,
+            "frozen_bn": frozen_bn, "image_mean": list(mean), "image_std": list(std),
+            **{key: recipe[key] for key in DETECTOR_FIELDS}}
 
 
 def train_detector(config: DetectionConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -124,11 +128,13 @@ def prepare(config: DetectionConfig, resume: bool) -> DetectionRun:
     eval_split = config.eval_split or DEFAULT_SPLITS[kind][1]
     data = load_detection_data(config.data, train_split, eval_split)
     torch.manual_seed(config.seed)
-    classifier, mean, std = None, IMAGENET_MEAN, IMAGENET_STD  # from scratch: inputs scaled as torchvision's are
+    # From scratch: the default network, its inputs scaled as torchvision's are.
+    classifier, backbone_kwargs, mean, std = None, {}, IMAGENET_MEAN, IMAGENET_STD
     if config.backbone_weights is not None and state is None:
-        classifier, mean, std = pretrained_classifier(config.model, config.backbone_weights)
+        classifier, backbone_kwargs, mean, std = pretrained_classifier(config.model, config.backbone_weights)
     model_kwargs = (state["model_kwargs"] if state is not None else
-                    detector_kwargs(config, len(data.classes) + 1, config.backbone_weights is not None, mean, std))
+                    detector_kwargs(config, len(data.classes) + 1, config.backbone_weights is not None,
+                                    backbone_kwargs, mean, std))
     model = build_detector(**model_kwargs, classifier=classifier)
     if state is not None:
         restore_weights(model, state, checkpoint_path(out))
