@@ -161,7 +161,7 @@ def pretrained_classifier(backbone: str, weights: str | Path
     network = classification_network(backbone)
     if backbone != VGG16:
         load_weights(network, read, backbone)
-        return network, IMAGENET_MEAN, IMAGENET_STD
+        return network, {}, IMAGENET_MEAN, IMAGENET_STD
     classifier_keys = "classifier.6."  # the 1000-way layer the detector drops
     kept = {key: value for key, value in read.tensors.items() if not key.startswith(classifier_keys)}
     missing, unexpected = network.load_state_dict(kept, strict=False)
