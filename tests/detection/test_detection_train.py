@@ -86,7 +86,7 @@ def test_a_detection_is_drawn_as_its_box_and_label_and_nothing_else(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from resnetlab.detection.train import PALETTE, draw_detections
+    from resnetlab.detection.inference import PALETTE, draw_detections
 
     image = tmp_path / "street.png"
     Image.new("RGB", (120, 90), (40, 40, 40)).save(image)
@@ -137,6 +137,7 @@ def test_a_detector_on_a_shortcut_b_classifier_resumes_and_reloads_as_trained(tm
     """The detector keeps the classifier's settings (here shortcut B, whose projections the default resnet20 lacks):
     --resume, evaluate and predict rebuild it. It also keeps the classifier's first layers and normalization."""
     import resnetlab.detection.train as detection_train
+    from resnetlab.detection.inference import load_detector
     from resnetlab.detection.recipes import resolve_detection_config
     from resnetlab.factory import create_model
 
@@ -165,7 +166,7 @@ def test_a_detector_on_a_shortcut_b_classifier_resumes_and_reloads_as_trained(tm
     detection_train.train_detector(detection_train.resume_detection_config(out), resume=True, progress=False)
 
     trained = in_memory["model"].eval()
-    reloaded, _ = detection_train.load_detector(out, torch.device("cpu"))
+    reloaded, _ = load_detector(out, torch.device("cpu"))
     assert any(key.endswith("downsample.0.weight") for key in reloaded.state_dict())
     images = [torch.rand(3, 30, 40)]
     with torch.no_grad():
