@@ -25,7 +25,8 @@ def test_table2_runs_the_imagenet_recipe_at_half_resolution_with_fixed_drops(tmp
 
 
 def test_table3_reuses_table2s_plain34_and_resnet34_a_and_adds_b_and_c(tmp_path):
-    assert [arm.label for arm in table3.arms(table3.PRESET)] == ["plain34", "resnet34-A", "resnet34-B", "resnet34-C"]
+    labels = [arm.label for arm in table3.EXPERIMENT.arms(table3.PRESET)]
+    assert labels == ["plain34", "resnet34-A", "resnet34-B", "resnet34-C"]
     for arm in (Arm("plain34"), Arm("resnet34", "A")):
         assert table3.PRESET.configure(arm, 0, tmp_path) == table2.PRESET.configure(arm, 0, tmp_path)
 

@@ -15,21 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from resnetlab.evaluate import MODES
-from resnetlab.experiments import table2
-from resnetlab.experiments.runner import Arm, Experiment, Preset
+from resnetlab.experiments import shortcuts, table2
+from resnetlab.experiments.runner import Experiment, Preset
 from resnetlab.inference import evaluate_checkpoints
-from resnetlab.models import SHORTCUTS
 from resnetlab.paper import MULTISCALE_ERROR, SHORTCUT_TOP1_ERROR, SHORTCUT_TOP5_ERROR
 from resnetlab.report import format_seconds, markdown_table
 
 TITLE = "Shortcut options of ResNet-34, testing modes and an ensemble (paper Tables 3-5)"
 PRESET = replace(table2.PRESET, experiment="table3", depths=(34,))
 ENSEMBLE_MODE = "10crop"
-
-
-def arms(preset: Preset) -> list[Arm]:
-    return [arm for depth in preset.depths
-            for arm in [Arm(f"plain{depth}"), *(Arm(f"resnet{depth}", option) for option in SHORTCUTS)]]
 
 
 def evaluate(checkpoints: list[str], mode: str) -> dict:
@@ -49,15 +43,11 @@ def testing_modes(preset: Preset, runs: list[dict]) -> dict:
     return {"modes": modes, "ensemble": ensemble and {**ensemble, "members": [Path(d).name for d in residual]}}
 
 
-def variant(run: dict) -> str:
-    return run["shortcut"] or "plain"
-
-
 def shortcut_table(results: dict) -> str:
     rows = []
     for run in results["runs"]:
         crops = results["modes"][table2.run_key(run)][ENSEMBLE_MODE]
-        option = variant(run)
+        option = shortcuts.variant(run)
         rows.append([run["label"], option, f"{run['params'] / 1e6:.2f} M", f"{100 * crops['top1_error']:.2f}",
                      f"{100 * crops['top5_error']:.2f}",
                      f"{SHORTCUT_TOP1_ERROR[option]:.2f} / {SHORTCUT_TOP5_ERROR[option]:.2f}"])
@@ -102,4 +92,5 @@ def report(results: dict, out: Path) -> str:
             "## Ensemble (Table 5)\n\n" + ensemble_line(results) + "\n")
 
 
-EXPERIMENT = Experiment(TITLE, PRESET, arms, report, analyse=testing_modes)
+# The networks of the shortcuts experiment: plain, then the ResNet with each option.
+EXPERIMENT = Experiment(TITLE, PRESET, shortcuts.arms, report, analyse=testing_modes)
