@@ -388,10 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")
     p.add_argument("experiment",
-                   choices=["table1", "degradation", "shortcuts", "depth", "responses", "table2", "table3"],
+                   choices=["table1", "degradation", "shortcuts", "depth", "responses", "table2", "table3",
+                            "jpeg-cost"],
                    help="the paper's table or figure to reproduce")
     p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, *.png and runs/ go here")
-    p.add_argument("--data", help="dataset spec (default: digits)")
+    p.add_argument("--data", help="dataset spec (default: the experiment's own; jpeg-cost takes the forms of one "
+                   "dataset, comma-separated, the reference first)")
     p.add_argument("--iterations", type=int, help="iterations of every run (the lr milestones scale with it)")
     p.add_argument("--seeds", type=int, help="seeds per network (0..K-1); errors are reported as mean and std")
     p.add_argument("--depths", type=int_tuple, metavar="D1,D2,...",

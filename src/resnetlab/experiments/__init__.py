@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from resnetlab.experiments import degradation, depth, responses, shortcuts, table1, table2, table3
+from resnetlab.experiments import degradation, depth, jpeg_cost, responses, shortcuts, table1, table2, table3
 from resnetlab.experiments.runner import Preset, check_preset, read_results, runs_so_far, train_arms, write_results
 from resnetlab.report import REPORT_NAME, header
 
 EXPERIMENTS = {module.EXPERIMENT.name: module.EXPERIMENT
-               for module in (table1, degradation, shortcuts, depth, responses, table2, table3)}
+               for module in (table1, degradation, shortcuts, depth, responses, table2, table3, jpeg_cost)}
 
 # Calibrated on digits (docs/reproduction.md, "Calibrating the demo budget", with the measured errors and times):
 # ResNet-56 learns slowly on 8x8 images and reaches ResNet-20's 0% training error only at about 2,000 iterations,

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from resnetlab.checkpoint import checkpoint_path
+from resnetlab.data.spec import DatasetSpec
 from resnetlab.factory import load_model
 from resnetlab.files import write_json_atomically
+from resnetlab.inference import evaluate_checkpoints
 from resnetlab.recipes import COMPUTE_KEYS, TrainConfig, check_positive_int, resolve_config
 from resnetlab.train import resume_config, train
 
@@ -32,14 +34,23 @@ RESULTS_NAME = "results.json"
 
 @dataclass(frozen=True)
 class Arm:
-    """One network an experiment trains: a named model, with its default shortcut unless `shortcut` is given."""
+    """One network an experiment trains: a named model, with its default shortcut unless `shortcut` is given, on the
+    preset's data unless `data` (a dataset spec) is given."""
 
     model: str
     shortcut: str | None = None
+    data: str | None = None
 
     @property
     def label(self) -> str:
-        return self.model if self.shortcut is None else f"{self.model}-{self.shortcut}"
+        """The run directory's name without the seed: 'resnet20', 'resnet34-B', 'resnet20-cifar-official'."""
+        return "-".join(part for part in (self.model, self.shortcut, self.data and data_name(self.data)) if part)
+
+
+def data_name(spec: str) -> str:
+    """A dataset spec's short name: its folder's name ('cifar-official'), or its kind where it has no path."""
+    kind, path = DatasetSpec.parse(spec)
+    return path.name if path else kind
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,8 @@ class Preset:
         schedule = {} if self.lr_drops is None else {
             "lr_milestones": tuple(round(self.iterations * fraction) for fraction in self.lr_drops),
             "plateau_patience": 0}
-        return resolve_config(self.recipe, model=arm.model, shortcut=arm.shortcut, data=self.data, out=str(out),
+        return resolve_config(self.recipe, model=arm.model, shortcut=arm.shortcut, data=arm.data or self.data,
+                              out=str(out),
                               iterations=self.iterations, seed=seed, resolution=self.resolution,
                               eval_every=max(1, self.iterations // self.evaluations),
                               checkpoint_every=min(self.checkpoint_every, self.iterations),
@@ -139,7 +151,7 @@ def run_dir(runs_dir: Path, arm: Arm, seed: int) -> Path:
 
 def start_line(name: str, preset: Preset, config: TrainConfig, resume: bool) -> str:
     action = "resuming" if resume else "training"
-    return f"{name}: {action} {preset.iterations} iterations on {preset.data} -> {config.out}"
+    return f"{name}: {action} {preset.iterations} iterations on {config.data} -> {config.out}"
 
 
 def result_line(summary: dict) -> str:
@@ -196,7 +208,8 @@ def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
             raise ValueError(f"{out} has no test error at or before iteration {common:,}, the furthest all runs "
                              f"have reached; wait for its first evaluation")
         entries.append({
-            "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "seed": seed, "iterations": common,
+            "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "data": state["config"]["data"],
+            "seed": seed, "iterations": common,
             "reached": train_curve[-1][0],
             "final_train_error": [error for iteration, error in train_curve if iteration <= common][-1],
             "final_test_error": tests[-1], "params": sum(p.numel() for p in model.parameters()),
@@ -222,12 +235,26 @@ def run_entry(arm: Arm, seed: int, summary: dict, out: Path) -> dict:
     model, _ = load_model(out)
     train_curve, test_curve = read_curves(out / "metrics.jsonl")
     return {
-        "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "seed": seed,
-        "iterations": summary["iterations"], "final_train_error": summary["train_top1_error"],
+        "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "data": summary["config"]["data"],
+        "seed": seed, "iterations": summary["iterations"], "final_train_error": summary["train_top1_error"],
         "final_test_error": summary["test_top1_error"], "params": sum(p.numel() for p in model.parameters()),
         "wall_seconds": summary["wall_seconds"], "run_dir": str(out), "data_note": summary["data_note"],
         "curves": {"train_error": train_curve, "test_error": test_curve},
     }
+
+
+def run_key(run: dict) -> str:
+    """A run's name in an experiment's results: its directory's name, 'resnet34-A-s0'."""
+    return f"{run['label']}-s{run['seed']}"
+
+
+def evaluate_runs(run_dirs: list[str], mode: str = "center", data: str | None = None) -> dict:
+    """Top-1 and top-5 error of one trained run, or of several as an ensemble, on the test split of `data` (default:
+    their own), and the seconds it took; with a progress bar, as these evaluations take minutes on image folders."""
+    started = time.perf_counter()
+    result = evaluate_checkpoints(run_dirs, data=data, mode=mode, workers=2, progress=True)
+    return {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
+            "seconds": time.perf_counter() - started}
 
 
 def read_curves(metrics: Path) -> tuple[list[list[float]], list[list[float]]]:

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from resnetlab.experiments import degradation
-from resnetlab.experiments.runner import Arm, Experiment, Preset
-from resnetlab.inference import evaluate_checkpoints
+from resnetlab.experiments.runner import Arm, Experiment, Preset, evaluate_runs, run_key
 from resnetlab.paper import IMAGENET_TOP1_ERROR
 from resnetlab.report import group_by_label, markdown_table, percent
 
@@ -35,15 +34,7 @@ def arms(preset: Preset) -> list[Arm]:
 
 def ten_crop_errors(preset: Preset, runs: list[dict]) -> dict:
     """Table 2's testing: top-1 and top-5 validation error of each run under 10-crop testing."""
-    errors = {}
-    for run in runs:
-        result = evaluate_checkpoints([run["run_dir"]], mode="10crop", workers=2, progress=True)
-        errors[run_key(run)] = {"top1_error": result["top1_error"], "top5_error": result["top5_error"]}
-    return {"ten_crop": errors}
-
-
-def run_key(run: dict) -> str:
-    return f"{run['label']}-s{run['seed']}"
+    return {"ten_crop": {run_key(run): evaluate_runs([run["run_dir"]], "10crop") for run in runs}}
 
 
 def table(results: dict) -> str:

@@ -10,14 +10,12 @@ multi-scale test, each with its time; then the ResNet-34s together as an ensembl
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from resnetlab.evaluate import MODES
 from resnetlab.experiments import shortcuts, table2
-from resnetlab.experiments.runner import Experiment, Preset
-from resnetlab.inference import evaluate_checkpoints
+from resnetlab.experiments.runner import Experiment, Preset, evaluate_runs, run_key
 from resnetlab.paper import MULTISCALE_ERROR, SHORTCUT_TOP1_ERROR, SHORTCUT_TOP5_ERROR
 from resnetlab.report import format_seconds, markdown_table
 
@@ -26,27 +24,20 @@ PRESET = replace(table2.PRESET, experiment="table3", depths=(34,))
 ENSEMBLE_MODE = "10crop"
 
 
-def evaluate(checkpoints: list[str], mode: str) -> dict:
-    started = time.perf_counter()
-    result = evaluate_checkpoints(checkpoints, mode=mode, workers=2, progress=True)
-    return {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "images": result["images"],
-            "seconds": time.perf_counter() - started}
-
-
 def testing_modes(preset: Preset, runs: list[dict]) -> dict:
     """Every run in 10-crop (Table 3); each ResNet in every mode; the ResNets as one ensemble."""
-    modes = {table2.run_key(run): {mode: evaluate([run["run_dir"]], mode)
+    modes = {run_key(run): {mode: evaluate_runs([run["run_dir"]], mode)
                                    for mode in (MODES if run["shortcut"] else (ENSEMBLE_MODE,))}
              for run in runs}
     residual = [run["run_dir"] for run in runs if run["shortcut"]]
-    ensemble = evaluate(residual, ENSEMBLE_MODE) if len(residual) > 1 else None
+    ensemble = evaluate_runs(residual, ENSEMBLE_MODE) if len(residual) > 1 else None
     return {"modes": modes, "ensemble": ensemble and {**ensemble, "members": [Path(d).name for d in residual]}}
 
 
 def shortcut_table(results: dict) -> str:
     rows = []
     for run in results["runs"]:
-        crops = results["modes"][table2.run_key(run)][ENSEMBLE_MODE]
+        crops = results["modes"][run_key(run)][ENSEMBLE_MODE]
         option = shortcuts.variant(run)
         rows.append([run["label"], option, f"{run['params'] / 1e6:.2f} M", f"{100 * crops['top1_error']:.2f}",
                      f"{100 * crops['top5_error']:.2f}",
@@ -60,7 +51,7 @@ def modes_table(results: dict) -> str:
     for run in results["runs"]:
         if not run["shortcut"]:
             continue
-        measured = results["modes"][table2.run_key(run)]
+        measured = results["modes"][run_key(run)]
         paper = MULTISCALE_ERROR.get(run["shortcut"])
         rows.append([run["label"], *(f"{100 * measured[m]['top1_error']:.2f} ({format_seconds(measured[m]['seconds'])})"
                                      for m in MODES),
@@ -73,7 +64,7 @@ def ensemble_line(results: dict) -> str:
     ensemble = results.get("ensemble")
     if not ensemble:
         return "Fewer than two ResNets were trained, so there is no ensemble."
-    best = min((results["modes"][table2.run_key(run)][ENSEMBLE_MODE]["top1_error"], run["label"])
+    best = min((results["modes"][run_key(run)][ENSEMBLE_MODE]["top1_error"], run["label"])
                for run in results["runs"] if run["shortcut"])
     return (f"The ensemble of {', '.join(ensemble['members'])} ({ENSEMBLE_MODE}, softmax scores averaged): top-1 "
             f"{100 * ensemble['top1_error']:.2f}%, top-5 {100 * ensemble['top5_error']:.2f}%, against "
