@@ -4,9 +4,12 @@ takes hours (docs/reproduction.md); tests/test_imagenette.py trains the same fol
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from resnetlab.experiments import EXPERIMENTS, table2, table3
 from resnetlab.experiments.runner import Arm
 from resnetlab.paper import IMAGENET_TOP1_ERROR
+from resnetlab.report import schedule_words
 
 
 def test_table2_trains_the_papers_four_networks_with_option_a_shallow_pair_first():
@@ -20,6 +23,7 @@ def test_table2_runs_the_imagenet_recipe_at_half_resolution_with_fixed_drops(tmp
     assert (recipe.name, recipe.batch_size, recipe.lr, recipe.momentum, recipe.weight_decay) == (
         "imagenet", 256, 0.1, 0.9, 1e-4)
     assert (recipe.iterations, recipe.lr_milestones, recipe.plateau_patience) == (800, (400, 600), 0)
+    assert recipe.ramp_iterations == 160  # option-A ResNets blow up at lr 0.1 from the first step (docs)
     assert (recipe.resolution, config.shortcut, config.data) == (0.5, "A", "folder:imagenette")
     assert (config.eval_every, config.checkpoint_every, config.log_every) == (80, 100, 8)
 
@@ -53,3 +57,9 @@ def test_table2_sets_ten_crop_errors_beside_the_papers():
     rows = table2.table(results).splitlines()
     assert rows[2].split(" | ")[4:] == ["19.50", f"{IMAGENET_TOP1_ERROR['plain18']:.2f} |"]
     assert rows[3].split(" | ")[4] == "—"  # plain34 has no 10-crop result yet
+
+
+def test_the_report_header_says_how_the_lr_moves_and_at_what_resolution():
+    assert schedule_words(asdict(table2.PRESET)) == ("lr / 10 at 50% and 75% of the iterations, after a linear lr "
+                                                     "ramp over the first 20%, image sizes x 0.5")
+    assert schedule_words({"lr_drops": None}) == "lr milestones scaled to the run length"

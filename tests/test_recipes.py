@@ -66,6 +66,18 @@ def test_warm_up_at_0_01_until_the_smoothed_training_error_is_below_80_percent()
     assert schedule.lr(1) == 0.1
 
 
+def test_a_ramp_raises_the_lr_linearly_to_its_value_then_the_milestones_apply():
+    recipe = replace(RECIPES["imagenet"], iterations=800, lr_milestones=(400, 600), plateau_patience=0,
+                     ramp_iterations=160)
+    schedule = LrSchedule(recipe, warm_up=False)
+    assert [schedule.lr(i) for i in (0, 79, 158)] == pytest.approx([0.1 / 160, 0.05, 0.1 * 159 / 160])
+    assert schedule.lr(159) == schedule.lr(399) == 0.1
+    assert schedule.lr(400) == pytest.approx(0.01) and schedule.lr(600) == pytest.approx(0.001)
+    assert RECIPES["imagenet"].ramp_iterations == RECIPES["cifar"].ramp_iterations == 0  # not in the paper
+    with pytest.raises(ValueError, match="--ramp-iterations must be"):
+        resolve_config("imagenet", model="resnet18", data="digits", out="x", ramp_iterations=-1)
+
+
 @pytest.mark.parametrize(("model", "recipe", "warms_up"), [
     ("resnet110", "cifar", True), ("resnet56", "cifar", False), ("resnet110", "imagenet", False)])
 def test_only_110_layers_and_deeper_warm_up(tmp_path, model, recipe, warms_up):

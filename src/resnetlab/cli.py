@@ -283,6 +283,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-lr", type=float, help="the warm-up lr (paper: 0.01)")
     g.add_argument("--warmup-until-error", type=float, metavar="FRACTION",
                    help="warm up until the training error is below this (paper: 0.8)")
+    g.add_argument("--ramp-iterations", type=int, metavar="N",
+                   help="the lr rises linearly to --lr over the first N iterations (not in the paper; 0: off)")
     g.add_argument("--momentum", type=float, help="SGD momentum (paper: 0.9)")
     g.add_argument("--weight-decay", type=float, help="L2 penalty on the weights, as SGD applies it (paper: 0.0001)")
     g.add_argument("--seed", type=int, help="seeds the initial weights, the batch order and the augmentation "

@@ -48,6 +48,10 @@ class Recipe:
     warmup_min_depth: int = 0  # 0 = no warm-up
     warmup_lr: float = 0.01
     warmup_until_error: float = 0.8
+    # Not in the paper: the lr rises linearly to `lr` over this many first iterations (Goyal et al., 2017). At lr 0.1
+    # an option-A ImageNet ResNet's first steps blow up (loss 9, then slow learning for the rest of a short run);
+    # a 600k-iteration run forgets that, a run of hundreds does not (docs/reproduction.md). 0: off.
+    ramp_iterations: int = 0
     padding: int = 4  # pixels at 32x32 (smaller images in proportion, data.batches.padding_for)
     per_channel_std: bool = False  # the paper subtracts the per-pixel mean only
     # Image folders: every image size of Sec. 3.4 times this (data.augment.ImageSizes): 0.5 trains 112x112 crops of
@@ -211,7 +215,7 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--resolution {r.resolution:g} makes {ImageSizes.scaled(r.resolution).crop}-pixel crops; "
                          f"the ImageNet networks need at least {MIN_CROP} (resolution >= {MIN_CROP / 224:.3f})")
     check_milestones(r.lr_milestones)
-    for name in ("plateau_patience", "warmup_min_depth", "padding"):
+    for name in ("plateau_patience", "warmup_min_depth", "padding", "ramp_iterations"):
         check_non_negative_int(name, getattr(r, name))
     check_precision(config.precision, training=True)
     if config.device not in DEVICES:

@@ -42,6 +42,8 @@ def schedule_words(preset: dict) -> str:
     drops = preset.get("lr_drops")
     words = (f"lr / 10 at {' and '.join(f'{100 * fraction:g}%' for fraction in drops)} of the iterations" if drops
              else "lr milestones scaled to the run length")
+    ramp = preset.get("lr_ramp")
+    words += f", after a linear lr ramp over the first {100 * ramp:g}%" if ramp else ""
     resolution = preset.get("resolution", 1)
     return words + (f", image sizes x {resolution:g}" if resolution != 1 else "")
 

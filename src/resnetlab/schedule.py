@@ -8,7 +8,8 @@ from resnetlab.recipes import Recipe
 
 
 class LrSchedule:
-    """The learning rate of each iteration: milestones (CIFAR), plateaus (ImageNet), and the warm-up of deep nets."""
+    """The learning rate of each iteration: milestones (CIFAR), plateaus (ImageNet), the warm-up of deep nets, and
+    a linear ramp over the first iterations where a recipe asks for one."""
 
     def __init__(self, recipe: Recipe, warm_up: bool):
         self.recipe = recipe
@@ -20,7 +21,8 @@ class LrSchedule:
         if self.warming_up:
             return self.recipe.warmup_lr
         drops = sum(iteration >= m for m in self.recipe.lr_milestones) + self.plateau_drops
-        return self.recipe.lr * self.recipe.lr_decay ** drops
+        ramp = min(1.0, (iteration + 1) / self.recipe.ramp_iterations) if self.recipe.ramp_iterations else 1.0
+        return ramp * self.recipe.lr * self.recipe.lr_decay ** drops
 
     def observe_batch_error(self, error: float) -> None:
         self.train_error_ema = 0.9 * self.train_error_ema + 0.1 * error

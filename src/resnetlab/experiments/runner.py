@@ -71,11 +71,15 @@ class Preset:
     # recipe's). The ImageNet recipe's "divide when the error plateaus" drops each network at its own moment; at a
     # short budget fixed drops give every network the same schedule, as the paper's Fig. 4 curves show theirs.
     lr_drops: tuple[float, ...] | None = None
+    # The fraction of the iterations over which the lr rises linearly to its value (Recipe.ramp_iterations; 0: none).
+    lr_ramp: float = 0.0
 
     def configure(self, arm: Arm, seed: int, out: Path) -> TrainConfig:
         schedule = {} if self.lr_drops is None else {
             "lr_milestones": tuple(round(self.iterations * fraction) for fraction in self.lr_drops),
             "plateau_patience": 0}
+        if self.lr_ramp:
+            schedule["ramp_iterations"] = round(self.iterations * self.lr_ramp)
         return resolve_config(self.recipe, model=arm.model, shortcut=arm.shortcut, data=arm.data or self.data,
                               out=str(out),
                               iterations=self.iterations, seed=seed, resolution=self.resolution,
