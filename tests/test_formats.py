@@ -453,8 +453,10 @@ class _RangeHandler(BaseHTTPRequestHandler):
         if name in state.drop_once:  # promise the whole payload, send half, close the connection
             state.drop_once.discard(name)
             payload = payload[: len(payload) // 2]
-        self.wfile.write(payload)
+        # Logged before the bytes go out: a client that has read them all may check the log at once, while this
+        # thread could still be between the write and the append on a loaded machine.
         state.log.append((name, range_header, len(payload)))
+        self.wfile.write(payload)
 
     def log_message(self, *args) -> None:
         pass
