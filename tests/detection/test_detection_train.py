@@ -228,6 +228,20 @@ def test_out_of_range_settings_are_refused_naming_the_flag(setting, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["voc", "coco", "small"])
+def test_every_detection_preset_drives_the_shared_lr_schedule(name):
+    """The detection trainer uses the classification trainer's LrSchedule; a field that schedule reads and a
+    detection recipe lacks fails here, without the extra installed."""
+    from resnetlab.detection.recipes import DETECTION_RECIPES
+    from resnetlab.schedule import LrSchedule
+
+    recipe = DETECTION_RECIPES[name]
+    schedule = LrSchedule(recipe, warm_up=False)
+    (milestone,) = recipe.lr_milestones
+    assert schedule.lr(0) == schedule.lr(milestone - 1) == recipe.lr
+    assert schedule.lr(milestone) == pytest.approx(recipe.lr * recipe.lr_decay)
+
+
 @needs_extra
 def test_presets_toml_and_flags_resolve_in_that_order(tmp_path):
     from resnetlab.detection.recipes import DETECTION_RECIPES, DetectionConfig, resolve_detection_config

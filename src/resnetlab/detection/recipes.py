@@ -38,6 +38,7 @@ class DetectionRecipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_decay: float = 0.1
+    ramp_iterations: int = 0  # the linear lr ramp of the classification recipes (Recipe.ramp_iterations); 0: off
     min_size: int = 600  # shorter side of every image, in pixels
     max_size: int = 1000  # unless its longer side would exceed this
     anchor_sizes: tuple[int, ...] = (128, 256, 512)  # anchor side (square root of its area), pixels
