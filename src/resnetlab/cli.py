@@ -324,6 +324,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from resnetlab.experiments import EXPERIMENTS  # the reproduce choices; imports little beyond what torch brings
+
     parser = ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -389,10 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="one of the paper's experiments: train its runs, write report.md and plots")
-    p.add_argument("experiment",
-                   choices=["table1", "degradation", "shortcuts", "depth", "responses", "table2", "table3",
-                            "jpeg-cost"],
-                   help="the paper's table or figure to reproduce")
+    p.add_argument("experiment", choices=list(EXPERIMENTS), help="the paper's table or figure to reproduce")
     p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, *.png and runs/ go here")
     p.add_argument("--data", help="dataset spec (default: the experiment's own; jpeg-cost takes the forms of one "
                    "dataset, comma-separated, the reference first)")

@@ -16,7 +16,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from resnetlab.experiments import degradation, depth, jpeg_cost, responses, shortcuts, table1, table2, table3
-from resnetlab.experiments.runner import Preset, check_preset, read_results, runs_so_far, train_arms, write_results
+from resnetlab.experiments.runner import (
+    Preset,
+    check_preset,
+    read_results,
+    run_key,
+    runs_so_far,
+    train_arms,
+    write_results,
+)
 from resnetlab.report import REPORT_NAME, header
 
 EXPERIMENTS = {module.EXPERIMENT.name: module.EXPERIMENT
@@ -50,7 +58,7 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
     if so_far:
         runs = runs_so_far(preset, arms, runs_dir)
         extra = {"so_far": {"iteration": runs[0]["iterations"] if runs else 0,
-                            "reached": {f"{run['label']}-s{run['seed']}": run["reached"] for run in runs}}}
+                            "reached": {run_key(run): run["reached"] for run in runs}}}
     else:
         runs = train_arms(preset, arms, runs_dir, progress=progress, log=log, parallel=parallel,
                           cuda_graphs=cuda_graphs)

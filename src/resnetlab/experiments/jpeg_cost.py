@@ -83,9 +83,9 @@ def costs(results: dict) -> list[str]:
 
 
 def report(results: dict, out: Path) -> str:
-    test_images = results["runs"][0]["data_note"] if results["runs"] else ""
+    first_data_note = results["runs"][0]["data_note"] if results["runs"] else ""
     return ("## Trained on each form, tested on each form\n\n" + cross_table(results) + "\n"
-            f"Mean ± std over seeds of the top-1 test error, center view. Data of the first run: {test_images}.\n\n"
+            f"Mean ± std over seeds of the top-1 test error, center view. Data of the first run: {first_data_note}.\n\n"
             "## What each form costs\n\n" + "\n".join(costs(results)) + "\n\n"
             "A test error measured on a form is this much above the same network's error measured on "
             f"{data_name(forms(results['preset']['data'])[0])} (trained and tested on its own form each).\n")

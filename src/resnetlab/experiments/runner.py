@@ -149,8 +149,13 @@ def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: boo
     return [run_entry(arm, seed, summaries[arm, seed], run_dir(runs_dir, arm, seed)) for arm, seed in planned]
 
 
+def run_name(label: str, seed: int) -> str:
+    """A run's directory name, which is also its key in an experiment's results: 'resnet34-A-s0'."""
+    return f"{label}-s{seed}"
+
+
 def run_dir(runs_dir: Path, arm: Arm, seed: int) -> Path:
-    return runs_dir / f"{arm.label}-s{seed}"
+    return runs_dir / run_name(arm.label, seed)
 
 
 def start_line(name: str, preset: Preset, config: TrainConfig, resume: bool) -> str:
@@ -212,13 +217,10 @@ def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
             raise ValueError(f"{out} has no test error at or before iteration {common:,}, the furthest all runs "
                              f"have reached; wait for its first evaluation")
         entries.append({
-            "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "data": state["config"]["data"],
-            "seed": seed, "iterations": common,
-            "reached": train_curve[-1][0],
+            **describe_run(arm, seed, out, model, state["config"]["data"], state["data_note"]),
+            "iterations": common, "reached": train_curve[-1][0],
             "final_train_error": [error for iteration, error in train_curve if iteration <= common][-1],
-            "final_test_error": tests[-1], "params": sum(p.numel() for p in model.parameters()),
-            "wall_seconds": state["elapsed_seconds"], "run_dir": str(out), "data_note": state["data_note"],
-            "curves": {"train_error": train_curve, "test_error": test_curve},
+            "final_test_error": tests[-1], "wall_seconds": state["elapsed_seconds"],
         })
     return entries
 
@@ -235,21 +237,25 @@ def check_same_settings(found: TrainConfig, wanted: TrainConfig, out: Path) -> N
 
 
 def run_entry(arm: Arm, seed: int, summary: dict, out: Path) -> dict:
-    """A run as results.json records it: the final errors, the size of the network and its curves."""
+    """A finished run as results.json records it: describe_run and its final errors."""
     model, _ = load_model(out)
+    return {**describe_run(arm, seed, out, model, summary["config"]["data"], summary["data_note"]),
+            "iterations": summary["iterations"], "final_train_error": summary["train_top1_error"],
+            "final_test_error": summary["test_top1_error"], "wall_seconds": summary["wall_seconds"]}
+
+
+def describe_run(arm: Arm, seed: int, out: Path, model: torch.nn.Module, data: str, data_note: str) -> dict:
+    """What results.json records of a run, finished or not, besides its errors: what it trained, the size of the
+    network, where it is and its curves."""
     train_curve, test_curve = read_curves(out / "metrics.jsonl")
-    return {
-        "model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "data": summary["config"]["data"],
-        "seed": seed, "iterations": summary["iterations"], "final_train_error": summary["train_top1_error"],
-        "final_test_error": summary["test_top1_error"], "params": sum(p.numel() for p in model.parameters()),
-        "wall_seconds": summary["wall_seconds"], "run_dir": str(out), "data_note": summary["data_note"],
-        "curves": {"train_error": train_curve, "test_error": test_curve},
-    }
+    return {"model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "data": data, "seed": seed,
+            "params": sum(p.numel() for p in model.parameters()), "run_dir": str(out), "data_note": data_note,
+            "curves": {"train_error": train_curve, "test_error": test_curve}}
 
 
 def run_key(run: dict) -> str:
-    """A run's name in an experiment's results: its directory's name, 'resnet34-A-s0'."""
-    return f"{run['label']}-s{run['seed']}"
+    """The name of a results entry's run (run_name)."""
+    return run_name(run["label"], run["seed"])
 
 
 def evaluate_runs(run_dirs: list[str], mode: str = "center", data: str | None = None) -> dict:
