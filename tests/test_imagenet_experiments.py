@@ -63,3 +63,39 @@ def test_the_report_header_says_how_the_lr_moves_and_at_what_resolution():
     assert schedule_words(asdict(table2.PRESET)) == ("lr / 10 at 50% and 75% of the iterations, after a linear lr "
                                                      "ramp over the first 20%, image sizes x 0.5")
     assert schedule_words({"lr_drops": None}) == "lr milestones scaled to the run length"
+
+
+def test_table2_follows_each_depth_gap_along_the_evaluations():
+    curves = {"plain18": (0.60, 0.50, 0.40), "plain34": (0.55, 0.55, 0.45),  # above from iteration 160 on
+              "resnet18-A": (0.50, 0.40, 0.30), "resnet34-A": (0.60, 0.45, 0.32)}  # never below, closing
+    runs = [{**run(label, 0.0, errors[-1]), "curves": {"test_error": [[80, errors[0]], [160, errors[1]],
+                                                                      [240, errors[2]]]}}
+            for label, errors in curves.items()]
+    along = table2.gaps_along_the_way(runs)
+    assert "| 80 | -5.00 | +10.00 |" in along and "| 240 | +5.00 | +2.00 |" in along
+    assert "- plain34 has been above plain18 since iteration 160." in along
+    assert "- resnet34 is not below resnet18 at the last evaluation; the gap went from +10.00 to +2.00 points." in along
+    assert table2.gaps_along_the_way(runs[:2]) == ""  # no ResNet pair: nothing to follow
+
+
+def test_the_table2_and_table3_reports_render_from_results_alone(tmp_path):
+    """The reports come hours after the runs start: they must render from results.json's entries, figure included."""
+    from resnetlab.evaluate import MODES
+
+    labels = ["plain18", "resnet18-A", "plain34", "resnet34-A", "resnet34-B", "resnet34-C"]
+    runs = [{**run(label, 0.1 + i / 100, 0.2 + i / 100), "shortcut": label.partition("-")[2] or None,
+             "curves": {"train_error": [[8, 0.9], [800, 0.1 + i / 100]],
+                        "test_error": [[80, 0.8], [800, 0.2 + i / 100]]}}
+            for i, label in enumerate(labels)]
+    measured = {"top1_error": 0.25, "top5_error": 0.05, "images": 3925, "seconds": 61.0}
+    fig4 = table2.report({"runs": runs[:4], "ten_crop": {f"{label}-s0": measured for label in labels[:4]}}, tmp_path)
+    assert "| plain34 | 11.00 M | 12.00 | 22.00 | 25.00 |" in fig4 and "### The validation gaps along the way" in fig4
+    assert (tmp_path / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shortcut_runs = runs[2:]
+    modes = {f"{r['label']}-s0": {mode: measured for mode in (MODES if r["shortcut"] else ("10crop",))}
+             for r in shortcut_runs}
+    tables = table3.report({"runs": shortcut_runs, "modes": modes,
+                            "ensemble": {**measured, "top1_error": 0.22, "members": labels[3:]}}, tmp_path)
+    assert "| resnet34-C | C | 11.00 M | 25.00 | 5.00 | 24.19 / 7.40 |" in tables
+    assert "| resnet34-B | 25.00 (1 min 1 s) | 25.00 (1 min 1 s) | 25.00 (1 min 1 s) | 24.52 / 21.84 |" in tables
+    assert "top-1 22.00%, top-5 5.00%, against 25.00% top-1 for its best member" in tables

@@ -69,14 +69,47 @@ def effect_verdict(runs: list[dict]) -> str:
                                "\n\n**Not all of the paper's Fig. 4 shows at this budget**: see the lines above.")
 
 
+def gaps_along_the_way(runs: list[dict]) -> str:
+    """Deeper minus shallower validation error at every evaluation all runs share, for each kind, and since when
+    its sign has been the paper's: where the order settles, and whether a gap of the wrong sign is closing, says
+    what budget would show it. Empty where a kind has one depth."""
+    evaluated = [dict(run["curves"]["test_error"]) for run in runs]
+    iterations = sorted(set.intersection(*map(set, evaluated))) if runs else []
+    gaps = {kind: [degradation.depth_gaps([{**run, "error_at": errors[iteration]}
+                                           for run, errors in zip(runs, evaluated)], kind, "error_at")
+                   for iteration in iterations] for kind in degradation.KINDS}
+    if not iterations or None in gaps["plain"] + gaps["resnet"]:
+        return ""
+    first = {kind: gaps[kind][0] for kind in degradation.KINDS}
+    rows = [[f"{iteration:,}", degradation.points(gaps["plain"][i]), degradation.points(gaps["resnet"][i])]
+            for i, iteration in enumerate(iterations)]
+    lines = []
+    for kind, papers_way in (("plain", "above"), ("resnet", "below")):
+        deep, shallow = first[kind]["deep"], first[kind]["shallow"]
+        right = [(gap["mean"] > 0) == (papers_way == "above") for gap in gaps[kind]]
+        if right[-1]:
+            wrong_before = max((i for i, ok in enumerate(right) if not ok), default=-1)
+            lines.append(f"- {deep} has been {papers_way} {shallow} since iteration {iterations[wrong_before + 1]:,}.")
+        else:
+            lines.append(f"- {deep} is not {papers_way} {shallow} at the last evaluation; the gap went from "
+                         f"{degradation.points(gaps[kind][0])} to {degradation.points(gaps[kind][-1])} points.")
+    headers = ["iteration", *(f"{first[kind]['deep']} minus {first[kind]['shallow']}, val error points"
+                              for kind in degradation.KINDS)]
+    return (markdown_table(headers, rows) + "\nMean over seeds at every evaluation, center view.\n\n"
+            + "\n".join(lines))
+
+
 def report(results: dict, out: Path) -> str:
     runs = results["runs"]
     verdict = effect_verdict(runs)
+    along = gaps_along_the_way(runs)
     return ("## Table 2\n\n" + table(results) + "\n"
             "The final training error is measured in eval mode on the training images' center views; the "
             "validation errors on the held-out folder. The paper's numbers are on ImageNet's 1,000 classes, so only "
             "their order compares.\n\n"
             "## Does the degradation problem show?\n\n" + verdict + "\n\n"
+            + (f"### The validation gaps along the way\n\n{along}\n\n" if along else "")
+            +
             "## Fig. 4\n\n" + degradation.plot_curves(runs, out, file_name="fig4.png", paper_figure="Fig. 4",
                                                       held_out="validation"))
 
