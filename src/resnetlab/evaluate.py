@@ -29,7 +29,7 @@ An ensemble averages the softmax scores of several checkpoints, each with its ow
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -58,16 +58,29 @@ def class_probabilities(model: nn.Module, data: ImageDataset, normalize: Normali
                         limit: int | None = None, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores (N, classes) of the un-augmented images, in eval mode, and their labels. With `progress`, a
     progress line of that label counts the images."""
+    def score(images: torch.Tensor) -> torch.Tensor:
+        return softmax_scores(model, normalize(images).contiguous(memory_format=memory_format), device, precision)
+
+    return score_batches(model, data.evaluation_batches(batch_size, workers, limit), score, device,
+                         images_progress(data, limit, progress))
+
+
+def softmax_scores(model: nn.Module, x: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
+    with autocast(device, precision):
+        return model(x).float().softmax(1)
+
+
+def score_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  score: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                  bar: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score` of every batch of images (moved to `device`) with the model in eval mode, and the labels; the
+    model's mode is restored and the progress line closed however the loop ends."""
     was_training = model.training
     model.eval()
     scores, labels = [], []
-    bar = images_progress(data, limit, progress)
     try:
-        for images, batch_labels in data.evaluation_batches(batch_size, workers, limit):
-            x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-            with autocast(device, precision):
-                logits = model(x)
-            scores.append(logits.float().softmax(1).cpu())
+        for images, batch_labels in batches:
+            scores.append(score(images.to(device, non_blocking=True)).cpu())
             labels.append(batch_labels)
             bar.update(bar.position + len(batch_labels))
     finally:
@@ -98,32 +111,18 @@ def mode_probabilities(model: nn.Module, data: ImageDataset, normalize: Normaliz
     if mode == "center":
         return class_probabilities(model, data, normalize, device=device, batch_size=batch_size,
                                    precision=precision, workers=workers, limit=limit, progress=progress)
-    was_training = model.training
-    model.eval()
+    sides = multiscale_sides(training_side(normalize))
 
-    def softmax(x: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            return model(x).float().softmax(1)
+    def score(images: torch.Tensor) -> torch.Tensor:
+        if mode == "10crop":  # images: (10, N, C, crop, crop), all 10N views in one forward pass
+            views = softmax_scores(model, normalize(images.flatten(0, 1)), device, precision)
+            return views.unflatten(0, images.shape[:2]).mean(0)
+        x = normalize(images)
+        return torch.stack([softmax_scores(model, resize_shorter(x, side), device, precision)
+                            for side in sides]).mean(0)
 
-    images_per_batch = max(1, batch_size // TEN_CROP_VIEWS)
-    scores, labels = [], []
-    bar = images_progress(data, limit, progress)
-    try:
-        for images, batch_labels in data.test_views(mode, images_per_batch, workers, limit, padding):
-            images = images.to(device, non_blocking=True)
-            if mode == "10crop":  # images: (10, N, C, crop, crop), all 10N views in one forward pass
-                views = softmax(normalize(images.flatten(0, 1)))
-                scores.append(views.unflatten(0, images.shape[:2]).mean(0).cpu())
-            else:
-                x = normalize(images)
-                sides = multiscale_sides(training_side(normalize))
-                scores.append(torch.stack([softmax(resize_shorter(x, side)) for side in sides]).mean(0).cpu())
-            labels.append(batch_labels)
-            bar.update(bar.position + len(batch_labels))
-    finally:
-        model.train(was_training)
-        bar.close()
-    return torch.cat(scores), torch.cat(labels)
+    views = data.test_views(mode, max(1, batch_size // TEN_CROP_VIEWS), workers, limit, padding)
+    return score_batches(model, views, score, device, images_progress(data, limit, progress))
 
 
 def check_mode(mode: str) -> None:
