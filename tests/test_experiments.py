@@ -154,8 +154,14 @@ def test_so_far_reports_unfinished_runs_at_the_furthest_common_iteration_and_tra
     assert f"**In progress.** Every error below is at iteration 3 of {ITERATIONS}," in report
     assert "--so-far" in results["command"]
 
-    shutil.rmtree(runs / "resnet32-s0")
-    with pytest.raises(FileNotFoundError, match=f"{runs / 'resnet32-s0'} has no checkpoint and metrics yet"):
+    shutil.rmtree(runs / "resnet32-s0")  # not started: reported as such, the others as they stand
+    results = reproduce("degradation", tmp_path / "out", preset=preset, depths=(20, 32), seeds=2, runs_dir=runs,
+                        progress=False, so_far=True)
+    assert results["so_far"]["not_started"] == ["resnet32-s0"] and len(results["runs"]) == 7
+    assert "Not started yet, so not below: resnet32-s0." in (tmp_path / "out" / "report.md").read_text()
+    for run in runs.iterdir():
+        shutil.rmtree(run)
+    with pytest.raises(FileNotFoundError, match=f"no run in {runs} has a checkpoint and metrics yet"):
         reproduce("degradation", tmp_path / "out", preset=preset, depths=(20, 32), seeds=2, runs_dir=runs,
                   progress=False, so_far=True)
 

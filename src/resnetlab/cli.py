@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", metavar="DIR", help="where runs are trained (default OUT/runs); point it at another "
                    "experiment's runs to reuse its trained networks")
     p.add_argument("--so-far", action="store_true", help="train nothing: report the runs as they stand, each "
-                   "taken at the furthest iteration all of them have reached")
+                   "taken at the furthest iteration all of them have reached; runs not started are named, left out")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train up to N runs at once, each in its own process: for a GPU, which one small CIFAR net "
                    "leaves mostly idle (start CUDA MPS first for the most throughput); on a small CPU they only "

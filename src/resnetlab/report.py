@@ -20,7 +20,9 @@ def header(results: dict, title: str) -> str:
         lines += [f"**In progress.** Every error below is at iteration {results['so_far']['iteration']:,} of "
                   f"{preset['iterations']:,}, the furthest all runs have reached, and the training error there is the "
                   f"running error of the training batches. The curves go as far as each run has: {reached}. What is "
-                  f"measured on the networks themselves uses each run's latest checkpoint.", ""]
+                  f"measured on the networks themselves uses each run's latest checkpoint."
+                  + (f" Not started yet, so not below: {', '.join(results['so_far']['not_started'])}."
+                     if results["so_far"].get("not_started") else ""), ""]
     if results["runs"]:
         lines += [f"- Runs: {len(results['runs'])} ({len(group_by_label(results['runs']))} networks x {seeds} "
                   f"seed{'s' if seeds > 1 else ''}), each {preset['iterations']:,} iterations of the "

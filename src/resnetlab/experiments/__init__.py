@@ -56,8 +56,8 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
     started = time.perf_counter()
     arms = experiment.arms(preset)
     if so_far:
-        runs = runs_so_far(preset, arms, runs_dir)
-        extra = {"so_far": {"iteration": runs[0]["iterations"] if runs else 0,
+        runs, not_started = runs_so_far(preset, arms, runs_dir)
+        extra = {"so_far": {"iteration": runs[0]["iterations"], "not_started": not_started,
                             "reached": {run_key(run): run["reached"] for run in runs}}}
     else:
         runs = train_arms(preset, arms, runs_dir, progress=progress, log=log, parallel=parallel,

@@ -195,20 +195,25 @@ def train_in_processes(to_train: list, preset: Preset, parallel: int, log: Calla
     return summaries
 
 
-def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
-    """Every planned run as it stands, trained or still training, with its errors taken at the furthest iteration
-    that all of them have logged (runs at different iterations are not comparable): a report on a long
-    reproduction before it ends. Trains nothing. The training error there is the running error of the training
-    batches (the curves' kind), not the final eval-mode error on the training set."""
-    found = []
+def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> tuple[list[dict], list[str]]:
+    """Every planned run that has started, trained or still training, with its errors taken at the furthest
+    iteration that all of them have logged (runs at different iterations are not comparable): a report on a long
+    reproduction before it ends; and the names of the runs not started yet (no checkpoint and metrics). Trains
+    nothing. The training error there is the running error of the training batches (the curves' kind), not the
+    final eval-mode error on the training set."""
+    found, not_started = [], []
     for arm, seed in [(arm, seed) for seed in range(preset.seeds) for arm in arms]:
         out = run_dir(runs_dir, arm, seed)
         if not checkpoint_path(out).is_file() or not (out / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{out} has no checkpoint and metrics yet: start its run first (without --so-far)")
+            not_started.append(out.name)
+            continue
         model, state = load_model(out)
         check_same_settings(TrainConfig.from_dict({**state["config"], "out": str(out)}),
                             preset.configure(arm, seed, out), out)
         found.append((arm, seed, out, model, state, *read_curves(out / "metrics.jsonl")))
+    if not found:
+        raise FileNotFoundError(f"no run in {runs_dir} has a checkpoint and metrics yet: start the experiment first "
+                                "(without --so-far)")
     common = min(train_curve[-1][0] for *_, train_curve, _ in found)
     entries = []
     for arm, seed, out, model, state, train_curve, test_curve in found:
@@ -222,7 +227,7 @@ def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> list[dict]:
             "final_train_error": [error for iteration, error in train_curve if iteration <= common][-1],
             "final_test_error": tests[-1], "wall_seconds": state["elapsed_seconds"],
         })
-    return entries
+    return entries, not_started
 
 
 def check_same_settings(found: TrainConfig, wanted: TrainConfig, out: Path) -> None:
