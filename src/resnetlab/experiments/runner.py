@@ -222,7 +222,8 @@ def runs_so_far(preset: Preset, arms: list[Arm], runs_dir: Path) -> tuple[list[d
             raise ValueError(f"{out} has no test error at or before iteration {common:,}, the furthest all runs "
                              f"have reached; wait for its first evaluation")
         entries.append({
-            **describe_run(arm, seed, out, model, state["config"]["data"], state["data_note"]),
+            **describe_run(arm, seed, out, model, state["config"]["data"], state["data_note"],
+                           (train_curve, test_curve)),
             "iterations": common, "reached": train_curve[-1][0],
             "final_train_error": [error for iteration, error in train_curve if iteration <= common][-1],
             "final_test_error": tests[-1], "wall_seconds": state["elapsed_seconds"],
@@ -244,15 +245,17 @@ def check_same_settings(found: TrainConfig, wanted: TrainConfig, out: Path) -> N
 def run_entry(arm: Arm, seed: int, summary: dict, out: Path) -> dict:
     """A finished run as results.json records it: describe_run and its final errors."""
     model, _ = load_model(out)
-    return {**describe_run(arm, seed, out, model, summary["config"]["data"], summary["data_note"]),
+    return {**describe_run(arm, seed, out, model, summary["config"]["data"], summary["data_note"],
+                           read_curves(out / "metrics.jsonl")),
             "iterations": summary["iterations"], "final_train_error": summary["train_top1_error"],
             "final_test_error": summary["test_top1_error"], "wall_seconds": summary["wall_seconds"]}
 
 
-def describe_run(arm: Arm, seed: int, out: Path, model: torch.nn.Module, data: str, data_note: str) -> dict:
+def describe_run(arm: Arm, seed: int, out: Path, model: torch.nn.Module, data: str, data_note: str,
+                 curves: tuple[list, list]) -> dict:
     """What results.json records of a run, finished or not, besides its errors: what it trained, the size of the
-    network, where it is and its curves."""
-    train_curve, test_curve = read_curves(out / "metrics.jsonl")
+    network, where it is and its curves (read_curves)."""
+    train_curve, test_curve = curves
     return {"model": arm.model, "shortcut": arm.shortcut, "label": arm.label, "data": data, "seed": seed,
             "params": sum(p.numel() for p in model.parameters()), "run_dir": str(out), "data_note": data_note,
             "curves": {"train_error": train_curve, "test_error": test_curve}}
