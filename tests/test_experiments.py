@@ -111,6 +111,9 @@ def test_degradation_rerun_reuses_runs_and_refuses_other_settings(degradation, r
     with pytest.raises(ValueError, match=r"plain20-s0 holds a run with other settings: .*iterations"):
         reproduce("degradation", degradation, preset=preset, depths=(20,), iterations=ITERATIONS + 1,
                   runs_dir=runs_dir, progress=False, log=lines.append)
+    with pytest.raises(ValueError, match=r"plain20-s0 holds a run with other settings: .*resolution"):
+        reproduce("degradation", degradation, preset=preset, depths=(20,), resolution=0.5, runs_dir=runs_dir,
+                  progress=False, log=lines.append)
 
 
 def test_every_run_is_checked_before_any_trains(tmp_path, degradation, runs_dir):
@@ -276,11 +279,13 @@ def test_demo_command_trains_its_preset_and_writes_the_report(tmp_path, monkeypa
     assert_valid_png(out / "degradation.png")
 
 
-def test_unknown_experiment_and_bad_depth_are_named(tmp_path, capsys):
+def test_unknown_experiment_bad_depth_and_bad_resolution_are_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown experiment 'fig9'"):
         reproduce("fig9", tmp_path)
     assert main(["reproduce", "depth", "--out", str(tmp_path), "--depths", "21"]) == 2
     assert "--model 'resnet21' is not a named model" in capsys.readouterr().err
+    assert main(["reproduce", "table2", "--out", str(tmp_path), "--resolution", "0.1"]) == 2
+    assert "--resolution 0.1 makes 22-pixel crops" in capsys.readouterr().err
 
 
 def test_parallel_runs_end_exactly_where_the_same_runs_trained_one_after_the_other_end(tmp_path):

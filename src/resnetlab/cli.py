@@ -110,8 +110,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from resnetlab.experiments import reproduce
 
     reproduce(args.experiment, args.out, data=args.data, iterations=args.iterations, seeds=args.seeds,
-              depths=args.depths, runs_dir=args.runs_dir, progress=not args.quiet, so_far=args.so_far,
-              parallel=args.parallel, cuda_graphs=args.cuda_graphs)
+              depths=args.depths, resolution=args.resolution, runs_dir=args.runs_dir, progress=not args.quiet,
+              so_far=args.so_far, parallel=args.parallel, cuda_graphs=args.cuda_graphs)
     return print_report(args.out)
 
 
@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per network (0..K-1); errors are reported as mean and std")
     p.add_argument("--depths", type=int_tuple, metavar="D1,D2,...",
                    help="depths of the networks (e.g. 20,32,44,56,110,1202 for depth)")
+    p.add_argument("--resolution", type=float, metavar="FACTOR", help="image folders: every image size of the "
+                   "ImageNet recipe times FACTOR (see `train --resolution`; table2 and table3 default to 0.5)")
     p.add_argument("--runs-dir", metavar="DIR", help="where runs are trained (default OUT/runs); point it at another "
                    "experiment's runs to reuse its trained networks")
     p.add_argument("--so-far", action="store_true", help="train nothing: report the runs as they stand, each "

@@ -39,8 +39,9 @@ DEMO_OUT = "resnetlab-demo"
 
 
 def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations: int | None = None,
-              seeds: int | None = None, depths: tuple[int, ...] | None = None, runs_dir: str | Path | None = None,
-              progress: bool = True, log: Callable[[str], None] = print, preset: Preset | None = None,
+              seeds: int | None = None, depths: tuple[int, ...] | None = None, resolution: float | None = None,
+              runs_dir: str | Path | None = None, progress: bool = True, log: Callable[[str], None] = print,
+              preset: Preset | None = None,
               command: str | None = None, so_far: bool = False, parallel: int = 1, cuda_graphs: bool = False) -> dict:
     """Run experiment `name` into `out` (the preset's settings, overridden by the arguments given); return results.
     With `so_far`, train nothing and report the runs as they stand (runner.runs_so_far). `parallel` and
@@ -48,7 +49,7 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
-    overrides = {"data": data, "iterations": iterations, "seeds": seeds, "depths": depths}
+    overrides = {"data": data, "iterations": iterations, "seeds": seeds, "depths": depths, "resolution": resolution}
     preset = replace(preset or experiment.preset, **{k: v for k, v in overrides.items() if v is not None})
     check_preset(preset)
     out = Path(out)
@@ -67,6 +68,8 @@ def reproduce(name: str, out: str | Path, *, data: str | None = None, iterations
     training = f" --data {preset.data} --iterations {preset.iterations} --seeds {preset.seeds}" if arms else ""
     command = command or (f"resnetlab reproduce {name} --out {out}{training} "
                           f"--depths {','.join(map(str, preset.depths))}"
+                          + (f" --resolution {preset.resolution:g}"
+                             if preset.resolution != experiment.preset.resolution else "")
                           + (f" --runs-dir {runs_dir}" if runs_dir != out / "runs" else "")
                           + (" --so-far" if so_far else ""))
     results = write_results(out, preset, runs, started, command, **extra)
