@@ -114,8 +114,10 @@ def test_a_trained_classifier_computes_in_the_training_detector_as_in_eval_mode(
     model = build_detector(name, 4, frozen_bn=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
                            classifier=copy.deepcopy(classifier), **SMALL).train()
     images = torch.randn(2, 3, 64, 96)
+    # A frozen BN folds its statistics into a scale and shift, an order of operations other than BN's eval mode, and
+    # the convolutions may take other kernels: 2.4e-5 apart on an AVX2-only CPU. Batch statistics: up to 16 apart.
     torch.testing.assert_close(model.backbone(images),
-                               classifier.forward_stages(images)[classifier.stage_names[-2]])
+                               classifier.forward_stages(images)[classifier.stage_names[-2]], rtol=1e-4, atol=1e-4)
     regions = torch.randn(3, model.backbone.out_channels, 6, 6)
     last_stage = getattr(classifier, classifier.stage_names[-1])
     torch.testing.assert_close(model.roi_heads.box_head(regions), classifier.avgpool(last_stage(regions)).flatten(1))
