@@ -16,10 +16,12 @@ import torch
 from run_helpers import tiny_config
 
 import resnetlab.inference as inference
+import resnetlab.quantize as quantize
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
 from resnetlab.data import load_dataset
 from resnetlab.data.augment import Normalize
+from resnetlab.evaluate import load_models
 from resnetlab.factory import load_model
 from resnetlab.inference import evaluate_checkpoints, predict
 from resnetlab.precision import resolve_precision
@@ -27,8 +29,10 @@ from resnetlab.quantize import (
     CALIBRATION_IMAGES,
     OnnxRuntimeNetwork,
     calibration_batch,
+    cpu_has_vnni,
     int8_inference,
     quantized_onnx,
+    run_calibration_batch,
 )
 from resnetlab.train import train
 
@@ -80,20 +84,32 @@ def test_int8_calibrates_on_the_runs_training_images_not_its_test_images(run, tm
     assert not torch.equal(calibrations[0][:100], calibration_batch(digits.test, normalize)[:100])
 
 
+def conv_weight_types(graph) -> list[int]:
+    return [t.data_type for t in graph.initializer if len(t.dims) == 4]
+
+
 def test_int8_export_holds_int8_weights_per_channel_and_quantized_activations(int8_file):
     graph = onnx.load(str(int8_file)).graph
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     initializers = {t.name: t for t in graph.initializer}
-    conv_weights = {name for name, t in initializers.items()
-                    if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4}
-    # resnet20 has 19 convolutions (option A shortcuts have none), all int8; the fc stays fp32.
-    assert len(conv_weights) == 19
-    assert not [t for t in initializers.values() if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    eight_bit = onnx.TensorProto.INT8 if cpu_has_vnni() else onnx.TensorProto.UINT8
+    conv_weights = {name for name, t in initializers.items() if t.data_type == eight_bit and len(t.dims) == 4}
+    # resnet20 has 19 convolutions (option A shortcuts have none), all 8-bit; the fc stays fp32.
+    assert len(conv_weights) == 19 and len(conv_weight_types(graph)) == 19
+    assert not [t for t in initializers.values() if t.data_type == eight_bit and len(t.dims) == 2]
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in conv_weights:
             out_channels = initializers[node.input[0]].dims[0]
             assert initializers[node.input[1]].dims == [out_channels], "one scale per output channel"
+
+
+@pytest.mark.parametrize(("vnni", "expected"), [(True, onnx.TensorProto.INT8), (False, onnx.TensorProto.UINT8)])
+def test_weights_are_signed_only_where_the_cpu_multiplies_them_without_saturating(run, monkeypatch, vnni, expected):
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: vnni)
+    (model, state), = load_models([run], torch.device("cpu"))
+    graph = onnx.load_from_string(quantized_onnx(model, run_calibration_batch(state, count=32))).graph
+    assert conv_weight_types(graph) == [expected] * 19
 
 
 def test_int8_file_in_onnx_runtime_follows_the_fp32_model(run, int8_file):
