@@ -134,11 +134,20 @@ def test_ten_crop_is_refused_for_data_never_mirrored_in_training(run, monkeypatc
     assert (result["mode"], result["top1_error"]) == ("10crop", pytest.approx(top_k_error(scores, labels, 1)))
 
 
-def test_multiscale_is_kept_for_nets_trained_on_larger_images():
+def test_multiscale_is_kept_for_nets_trained_on_larger_images_or_on_crops_of_image_folders():
+    def state(mean_shape, data=None):
+        recorded = {"config": {"data": data}} if data else {}
+        return {"normalize": Normalize(torch.zeros(mean_shape)).state_dict(), **recorded}
+
     for mean_shape in [(3, 65, 65), (3, 224, 224), (3, 1, 1)]:  # (3, 1, 1): a per-channel mean, for 224 crops
-        check_multiscale_fits(Normalize(torch.zeros(mean_shape)), Path("checkpoint.pt"))
+        check_multiscale_fits(state(mean_shape), Path("checkpoint.pt"))
+    # --resolution 0.25: 56x56 crops of photographs, tested at {56, 64, 96, 120, 160} as the paper's at 224
+    check_multiscale_fits(state((3, 56, 56), "folder:imagenette"), Path("checkpoint.pt"))
+    for data in (None, "cifar10:runs/cifar"):
+        with pytest.raises(ValueError, match="checkpoint.pt was trained on 32x32 images"):
+            check_multiscale_fits(state((3, 32, 32), data), Path("checkpoint.pt"))
     with pytest.raises(ValueError, match="checkpoint.pt was trained on 64x64 images"):
-        check_multiscale_fits(Normalize(torch.zeros(3, 64, 64)), Path("checkpoint.pt"))
+        check_multiscale_fits(state((3, 64, 64)), Path("checkpoint.pt"))
 
 
 def test_folder_ten_crops_are_corners_center_and_flips_of_the_256_resize():

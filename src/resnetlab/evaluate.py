@@ -16,7 +16,8 @@ Modes (He et al. 2015, Sec. 3.4 and Table 3):
   there) and the normalized batch is resized; resizing is linear, so this equals subtracting the equally resized
   mean. The paper tests multi-scale on ImageNet only and its CIFAR nets on "the single view of the original 32x32
   image"; on small images the mode is worse, not better (far worse for a MNIST net: section 6 of
-  docs/benchmarks.md), so nets trained on images of at most 64x64 are refused it.
+  docs/benchmarks.md), so nets trained on whole images of at most 64x64 are refused it; nets trained on crops of
+  image folders keep it at every --resolution.
 
 `inference.evaluate_checkpoints` makes these refusals; `mode_probabilities` computes any mode it is asked for.
 Measurements: docs/benchmarks.md, section 6.
@@ -38,6 +39,7 @@ from torch import nn
 from resnetlab.checkpoint import checkpoint_path
 from resnetlab.data.augment import Normalize, resize_shorter
 from resnetlab.data.datasets import ImageDataset
+from resnetlab.data.spec import DatasetSpec
 from resnetlab.factory import load_model
 from resnetlab.precision import Precision, autocast
 from resnetlab.progress import Progress
@@ -130,9 +132,14 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"--mode {mode!r} is not a testing mode; choose one of {', '.join(MODES)}")
 
 
-def check_multiscale_fits(normalize: Normalize, checkpoint: Path) -> None:
-    """Refuse multi-scale testing of a net trained on small images, where the paper tests a single view."""
-    side = training_side(normalize)
+def check_multiscale_fits(state: dict, checkpoint: Path) -> None:
+    """Refuse multi-scale testing of a net trained on whole small images (CIFAR, MNIST, digits), which the paper
+    tests on a single view. Nets trained on crops of rescaled photographs (image folders, at any --resolution) keep
+    it; files without a recorded dataset (another project's weights) are judged by their training image size."""
+    spec = state.get("config", {}).get("data")
+    if spec and DatasetSpec.parse(spec).kind == "folder":
+        return
+    side = training_side(Normalize.from_state_dict(state["normalize"]))
     if side <= LARGEST_SMALL_IMAGE:
         raise ValueError(f"--mode multiscale is the paper's ImageNet protocol; {checkpoint} was trained on "
                          f"{side}x{side} images, which the paper tests on the single view of the original image "

@@ -63,7 +63,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     models = load_models(checkpoints, target, model_name)
     if mode == "multiscale":  # refused before any data is read
         for path, (_, state) in zip(checkpoints, models):
-            check_multiscale_fits(Normalize.from_state_dict(state["normalize"]), checkpoint_path(path))
+            check_multiscale_fits(state, checkpoint_path(path))
     first = models[0][1]
     spec = data or first.get("config", {}).get("data")
     if not spec:
