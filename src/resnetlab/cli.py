@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec (default: the one the checkpoint was trained on); its test split")
     p.add_argument("--mode", default="center",
                    help="center (default), 10crop (corners + center and flips; for data mirrored in training) or "
-                   "multiscale (paper Sec. 3.4; for nets trained on images larger than 64x64)")
+                   "multiscale (paper Sec. 3.4; for nets trained on image folders or on images larger than 64x64)")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT", help="more checkpoints; scores are averaged")
     p.add_argument("--batch-size", type=int, default=500, help="views per forward pass (10crop: 1/10 as many images)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes for image folders")
