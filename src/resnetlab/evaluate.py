@@ -39,10 +39,10 @@ from torch import nn
 from resnetlab.checkpoint import checkpoint_path
 from resnetlab.data.augment import Normalize, resize_shorter
 from resnetlab.data.datasets import ImageDataset
-from resnetlab.data.spec import DatasetSpec
 from resnetlab.factory import load_model
 from resnetlab.precision import Precision, autocast
 from resnetlab.progress import Progress
+from resnetlab.recipes import trained_on_image_folder
 
 MODES = ("center", "10crop", "multiscale")
 # The paper's multi-scale testing: shorter sides relative to its 224 training crops.
@@ -136,8 +136,7 @@ def check_multiscale_fits(state: dict, checkpoint: Path) -> None:
     """Refuse multi-scale testing of a net trained on whole small images (CIFAR, MNIST, digits), which the paper
     tests on a single view. Nets trained on crops of rescaled photographs (image folders, at any --resolution) keep
     it; files without a recorded dataset (another project's weights) are judged by their training image size."""
-    spec = state.get("config", {}).get("data")
-    if spec and DatasetSpec.parse(spec).kind == "folder":
+    if trained_on_image_folder(state):
         return
     side = training_side(Normalize.from_state_dict(state["normalize"]))
     if side <= LARGEST_SMALL_IMAGE:

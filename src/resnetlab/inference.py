@@ -24,7 +24,7 @@ from resnetlab.checkpoint import checkpoint_path
 from resnetlab.complexity import native_input_size
 from resnetlab.data.augment import PAPER_SIZES, Normalize
 from resnetlab.data.datasets import PILLOW_DECODE_ERRORS
-from resnetlab.data.spec import DatasetSpec, load_dataset
+from resnetlab.data.spec import load_dataset
 from resnetlab.evaluate import (
     check_mode,
     check_multiscale_fits,
@@ -39,7 +39,7 @@ from resnetlab.files import write_atomically
 from resnetlab.models import model_family
 from resnetlab.precision import EXPORT_PRECISIONS, inference_device, resolve_precision
 from resnetlab.quantize import int8_inference, quantized_onnx, run_calibration_batch
-from resnetlab.recipes import recorded_resolution
+from resnetlab.recipes import recorded_data, recorded_resolution, trained_on_image_folder
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -65,7 +65,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         for path, (_, state) in zip(checkpoints, models):
             check_multiscale_fits(state, checkpoint_path(path))
     first = models[0][1]
-    spec = data or first.get("config", {}).get("data")
+    spec = data or recorded_data(first)
     if not spec:
         raise ValueError(f"{checkpoint_path(checkpoints[0])} does not record its dataset; give --data")
     resolution = recorded_resolution(first)
@@ -136,9 +136,8 @@ def predict(checkpoint: str | Path, image_paths: Sequence[str | Path], k: int = 
     normalize = Normalize.from_state_dict(state["normalize"])
     channels = state["model_kwargs"].get("in_channels", 3)
     side = training_side(normalize)
-    spec = state.get("config", {}).get("data")
     validation = PAPER_SIZES  # the border the validation crop removes is the same fraction at any resolution
-    border = (1 - validation.crop / validation.resize) / 2 if spec and DatasetSpec.parse(spec).kind == "folder" else 0.0
+    border = (1 - validation.crop / validation.resize) / 2 if trained_on_image_folder(state) else 0.0
     images = torch.stack([prediction_input(path, channels, side, border) for path in image_paths])
     network = (int8_inference(model, run_calibration_batch(state, calibration_data)) if precision == "int8"
                else fast_inference(model.to(target), precision=precision))

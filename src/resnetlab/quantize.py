@@ -30,7 +30,7 @@ from resnetlab.data.augment import Normalize
 from resnetlab.data.datasets import ImageDataset, evenly_spaced
 from resnetlab.data.spec import load_dataset
 from resnetlab.export import fold_batchnorm, write_onnx
-from resnetlab.recipes import recorded_resolution
+from resnetlab.recipes import recorded_data, recorded_resolution
 
 # Enough images for stable activation ranges (ONNX Runtime's MinMax calibration); more only costs time.
 CALIBRATION_IMAGES = 256
@@ -49,7 +49,7 @@ def calibration_batch(data: ImageDataset, normalize: Normalize,
 
 def run_calibration_batch(state: dict, data: str | None = None, count: int = CALIBRATION_IMAGES) -> torch.Tensor:
     """The calibration batch of a checkpoint: from the training split of `data`, by default the run's own dataset."""
-    spec = data or state.get("config", {}).get("data")
+    spec = data or recorded_data(state)
     if not spec:
         raise ValueError("--precision int8 calibrates on the run's training images, but the checkpoint does not "
                          "record its dataset: give --calibration-data SPEC")

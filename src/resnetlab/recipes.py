@@ -125,6 +125,17 @@ class TrainConfig:
         return cls(recipe=recipe, **values)
 
 
+def recorded_data(state: dict) -> str | None:
+    """The dataset spec a checkpoint's run trained on (None for files that record none: other projects' weights)."""
+    return state.get("config", {}).get("data")
+
+
+def trained_on_image_folder(state: dict) -> bool:
+    """Whether a checkpoint's run trained on crops of an image folder's photographs (the ImageNet recipe)."""
+    spec = recorded_data(state)
+    return bool(spec) and DatasetSpec.parse(spec).kind == "folder"
+
+
 def recorded_resolution(state: dict) -> float:
     """The image resolution factor a checkpoint's run trained at (1 for runs from before the setting existed)."""
     return state.get("config", {}).get("recipe", {}).get("resolution", 1.0)
