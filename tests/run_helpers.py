@@ -4,7 +4,7 @@ broken on purpose, and reading back what a run wrote.
 Run as a script, this file is the `resnetlab` command with test hooks installed first:
 
     python tests/run_helpers.py [--stall-at-iteration I MARKER] [--stall-checkpoint N MARKER] [--kill-loader-worker] \
-        -- train --model ... --out OUT
+        [--signal-at-iteration I SIGNAL [--signal-times N]] -- train --model ... --out OUT
 
 The hooks change timing or break things the way real faults do; none of them changes what is computed.
 """
@@ -203,12 +203,30 @@ def kill_loader_workers() -> None:
     ScaleAugment.__call__ = die_in_worker
 
 
+def signal_at_iteration(iteration: int, name: str, times: int) -> None:
+    """As the run starts `iteration` (0-based), the process gets the signal `name` (SIGINT is Ctrl-C) `times`
+    times, as from a terminal or `kill`: a signal that lands mid-iteration, on a machine of any speed."""
+    from resnetlab.schedule import LrSchedule
+
+    lr = LrSchedule.lr
+
+    def signalling_lr(self, at: int) -> float:
+        if at == iteration:
+            for _ in range(times):
+                signal.raise_signal(getattr(signal, name))
+        return lr(self, at)
+
+    LrSchedule.lr = signalling_lr
+
+
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--stall-at-iteration", nargs=2, metavar=("I", "MARKER"))
     parser.add_argument("--stall-checkpoint", nargs=2, metavar=("N", "MARKER"))
     parser.add_argument("--kill-loader-worker", action="store_true")
+    parser.add_argument("--signal-at-iteration", nargs=2, metavar=("I", "SIGNAL"))
+    parser.add_argument("--signal-times", type=int, default=1)
     hooks = parser.parse_args(argv[:split])
     if hooks.stall_at_iteration:
         stall_at_iteration(int(hooks.stall_at_iteration[0]), Path(hooks.stall_at_iteration[1]))
@@ -216,6 +234,8 @@ def main(argv: list[str]) -> int:
         stall_checkpoint_write(int(hooks.stall_checkpoint[0]), Path(hooks.stall_checkpoint[1]))
     if hooks.kill_loader_worker:
         kill_loader_workers()
+    if hooks.signal_at_iteration:
+        signal_at_iteration(int(hooks.signal_at_iteration[0]), hooks.signal_at_iteration[1], hooks.signal_times)
     from resnetlab.cli import main as resnetlab
 
     return resnetlab(argv[split + 1:])

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from resnetlab.checkpoint import load_checkpoint
 from resnetlab.cli import main
+from resnetlab.errors import RunStopped
 from resnetlab.experiments import DEMO_PRESET, EXPERIMENTS, reproduce
 from resnetlab.experiments.degradation import effect_verdict
 from resnetlab.experiments.responses import response_stds
 from resnetlab.factory import create_model
 from resnetlab.paper import CIFAR_PARAMS_M, CIFAR_TEST_ERROR, IMAGENET_GFLOPS, SHORTCUT_TOP1_ERROR
+from resnetlab.schedule import LrSchedule
 
 ITERATIONS = 6
 # Two test-error evaluations and one checkpoint per run: the tests check the files, not the curves' resolution.
@@ -126,6 +130,27 @@ def test_every_run_is_checked_before_any_trains(tmp_path, degradation, runs_dir)
         reproduce("degradation", tmp_path / "out", preset=preset, depths=(20,), iterations=ITERATIONS + 1,
                   runs_dir=runs, progress=False, log=lambda line: None)
     assert sorted(path.name for path in runs.iterdir()) == ["resnet20-s0"]
+
+
+def test_ctrl_c_stops_an_experiment_with_its_run_saved_and_the_same_command_continues_it(tmp_path, monkeypatch):
+    lr = LrSchedule.lr
+
+    def lr_then_ctrl_c(schedule, at):
+        if at == 2:
+            signal.raise_signal(signal.SIGINT)
+        return lr(schedule, at)
+
+    monkeypatch.setattr(LrSchedule, "lr", lr_then_ctrl_c)
+    with pytest.raises(RunStopped, match=r"after iteration 3 of 6; .*plain20-s0.*; the same command again continues "
+                                         r"the whole experiment$"):
+        tiny("degradation", tmp_path / "out", tmp_path / "runs", depths=(20,), seeds=1)
+    assert load_checkpoint(tmp_path / "runs" / "plain20-s0")["iteration"] == 3
+    assert not (tmp_path / "runs" / "resnet20-s0").exists()  # the experiment stopped, not just its first run
+
+    monkeypatch.setattr(LrSchedule, "lr", lr)
+    lines = tiny("degradation", tmp_path / "out", tmp_path / "runs", depths=(20,), seeds=1)
+    assert "resuming 6 iterations" in lines[0]
+    assert [run["iterations"] for run in read_results(tmp_path / "out")["runs"]] == [ITERATIONS, ITERATIONS]
 
 
 def test_so_far_reports_unfinished_runs_at_the_furthest_common_iteration_and_trains_nothing(tmp_path, degradation,

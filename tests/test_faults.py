@@ -9,6 +9,7 @@ import json
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from resnetlab import inference
 from resnetlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.factory import create_model
+from resnetlab.runlog import StopOnSignal
 from resnetlab.train import train
 
 ITERATIONS, CHECKPOINT_EVERY = 40, 10
@@ -68,6 +70,45 @@ def test_sigkill_at_a_random_iteration_then_resume_gives_the_uninterrupted_weigh
     resume_to_end(out)
     assert_same_tensors(model_weights(out), model_weights(uninterrupted))
     assert logged_iterations(out) == list(range(1, ITERATIONS + 1)), f"killed after iteration {kill_after}"
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_the_iteration_in_progress_then_resume_gives_the_uninterrupted_weights(
+        uninterrupted, tmp_path, name):
+    # The signal lands while an iteration that no periodic checkpoint follows runs, drawn afresh each time: the run
+    # finishes that iteration, saves it and stops, so nothing since the last periodic checkpoint is lost.
+    at = random.choice([i for i in range(ITERATIONS - 1) if (i + 1) % CHECKPOINT_EVERY])
+    out = tmp_path / "out"
+    stopped = run_to_end(cli_args(out, checkpoint_every=CHECKPOINT_EVERY), "--signal-at-iteration", str(at), name)
+    assert stopped.returncode == 128 + getattr(signal, name), stopped.stderr
+    assert load_checkpoint(out)["iteration"] == last_logged_iteration(out) == at + 1
+    assert not (out / "summary.json").exists()
+    last_line = stopped.stderr.strip().splitlines()[-1]
+    assert last_line == (f"resnetlab train: stopped by {name} after iteration {at + 1} of {ITERATIONS}; "
+                         f"{out / 'checkpoint.pt'} holds it, and `resnetlab train --resume {out}` continues the run")
+    assert "Traceback" not in stopped.stderr
+
+    resume_to_end(out)
+    assert_same_tensors(model_weights(out), model_weights(uninterrupted))
+    assert logged_iterations(out) == list(range(1, ITERATIONS + 1)), f"stopped after iteration {at + 1}"
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_periodic_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    stopped = run_to_end(cli_args(out, checkpoint_every=CHECKPOINT_EVERY), "--signal-at-iteration", "15", "SIGINT",
+                         "--signal-times", "2")
+    assert stopped.returncode == 128 + signal.SIGINT
+    assert stopped.stderr.strip().splitlines()[-1] == "resnetlab train: interrupted"
+    assert "Ctrl-C again stops at once" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert load_checkpoint(out)["iteration"] == 10 and last_logged_iteration(out) == 15
+
+
+def test_the_signal_handlers_are_the_callers_again_once_a_run_stops():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        signal.raise_signal(signal.SIGINT)  # without the handler, this test would end pytest itself
+        assert stop.signal_number == signal.SIGINT
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(uninterrupted, tmp_path):

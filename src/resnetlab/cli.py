@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 
-from resnetlab.errors import ResnetlabError
+from resnetlab.errors import ResnetlabError, RunStopped
 from resnetlab.precision import EXPORT_PRECISIONS, INFERENCE_PRECISIONS, PRECISIONS
 
 
@@ -476,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside it
+        print(f"resnetlab {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except RunStopped as stopped:  # a training loop saved its state and stopped on a signal: not a failure
+        print(f"resnetlab {args.command}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signal_number
     except (ValueError, FileNotFoundError, PermissionError, ResnetlabError) as error:  # messages that say what to do
         message = str(error)
     except RuntimeError as error:

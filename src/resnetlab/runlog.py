@@ -1,17 +1,21 @@
 """The bookkeeping every trainer shares (classification and detection): the metrics log (metrics.jsonl and,
-optionally, TensorBoard), the checks that a run's numbers stay finite, and the check that its directory is writable.
+optionally, TensorBoard), the checks that a run's numbers stay finite, the check that its directory is writable, and
+stopping on Ctrl-C or SIGTERM with the iteration reached saved.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
 
 from resnetlab.checkpoint import checkpoint_path
-from resnetlab.errors import ResnetlabError
+from resnetlab.errors import ResnetlabError, RunStopped
 
 
 class NonFiniteLossError(ResnetlabError):
@@ -25,6 +29,47 @@ def check_finite_weights(network: torch.nn.Module, iteration: int, out: Path) ->
     if broken:
         raise NonFiniteLossError(f"the weights became NaN or inf at iteration {iteration} ({broken[0]} and "
                                  f"{len(broken) - 1} more tensors); stopped. {last_good_state(out)}")
+
+
+class StopOnSignal:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (`kill`, a batch scheduler, the end of a session) do not kill the
+    run mid-step: they set `signal_number`, and the loop saves a checkpoint after the iteration in progress and stops
+    (`stopped`). A second signal acts as it would without this, so a second Ctrl-C stops at once.
+
+    Only where Python can take signals (the main thread) and in single-process runs: the processes of a distributed
+    run would each stop at another iteration and wait forever for each other at the checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal_number: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if self.enabled:
+            # None: a handler not installed from Python, which cannot be put back; the default is the nearest.
+            self.previous = {number: signal.signal(number, self.request_stop) or signal.SIG_DFL
+                             for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def request_stop(self, number: int, frame) -> None:
+        self.signal_number = number
+        signal.signal(number, self.previous.get(number, signal.SIG_DFL))
+        again = "Ctrl-C again" if number == signal.SIGINT else "the signal again"
+        print(f"\n{signal.Signals(number).name}: stopping after this iteration, once its checkpoint is saved "
+              f"({again} stops at once)", file=sys.stderr, flush=True)
+
+    def stopped(self, iteration: int, iterations: int, out: Path, resume: str) -> RunStopped:
+        """The error that ends the run, once the state after `iteration` is saved in `out`."""
+        return RunStopped(f"stopped by {signal.Signals(self.signal_number).name} after iteration {iteration:,} of "
+                          f"{iterations:,}; {checkpoint_path(out)} holds it, and `{resume} {out}` continues the run",
+                          self.signal_number)
 
 
 def last_good_state(out: Path) -> str:

@@ -40,7 +40,14 @@ from resnetlab.models import MODELS
 from resnetlab.precision import Precision, autocast, memory_format, pick_device, resolve_precision
 from resnetlab.progress import Progress
 from resnetlab.recipes import COMPUTE_KEYS, Recipe, TrainConfig, flag, validate
-from resnetlab.runlog import MetricsLog, NonFiniteLossError, check_finite_weights, ensure_writable, last_good_state
+from resnetlab.runlog import (
+    MetricsLog,
+    NonFiniteLossError,
+    StopOnSignal,
+    check_finite_weights,
+    ensure_writable,
+    last_good_state,
+)
 from resnetlab.schedule import LrSchedule
 
 
@@ -76,46 +83,55 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     # Loss and error sums since the last log line stay on the device: the loop reads them (and waits for the device)
     # only at log points, and every batch only while a deep net warms up, whose lr depends on each batch's error.
     window, batches_in_window, shown = torch.zeros(2, dtype=torch.float64, device=device), 0, {}
+    stopping = False  # a signal asked the run to stop (StopOnSignal) before its last iteration
     session_start = window_start = time.perf_counter()
-    for iteration, (images, labels) in enumerate(training_batches(run), start=run.start):
-        lr = run.schedule.lr(iteration)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        x = run.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=layout)
-        loss_and_error = training_step(forward, run.optimizer, x, labels.to(device, non_blocking=True),
-                                       device=device, precision=run.precision)
-        window += loss_and_error
-        batches_in_window += 1
-        if run.schedule.warming_up:
-            run.schedule.observe_batch_error(distributed.mean_over_processes(loss_and_error, context)[1].item())
+    with StopOnSignal(enabled=context.world_size == 1) as stop:
+        for iteration, (images, labels) in enumerate(training_batches(run), start=run.start):
+            lr = run.schedule.lr(iteration)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            x = run.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=layout)
+            loss_and_error = training_step(forward, run.optimizer, x, labels.to(device, non_blocking=True),
+                                           device=device, precision=run.precision)
+            window += loss_and_error
+            batches_in_window += 1
+            if run.schedule.warming_up:
+                run.schedule.observe_batch_error(distributed.mean_over_processes(loss_and_error, context)[1].item())
 
-        done = iteration + 1
-        evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
-        if done % config.log_every == 0 or evaluate_now:
-            train_loss, train_error = (distributed.mean_over_processes(window, context) / batches_in_window).tolist()
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(f"the training loss became {train_loss} by iteration {done} (lr {lr:g}); "
-                                         f"stopped. {last_good_state(out)}")
-            images_per_second = batches_in_window * recipe.batch_size / (time.perf_counter() - window_start)
-            record = {"iteration": done, "lr": lr, "train_loss": train_loss, "train_error": train_error,
-                      "images_per_second": images_per_second}
-            if evaluate_now:  # every process's schedule sees rank 0's errors
-                record.update(distributed.on_main(context, lambda: held_out_errors(run, show=progress)))
-                run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
-            if run.metrics:
-                run.metrics.write(record)
-            shown = {"loss": f"{train_loss:.3f}", "err": f"{100 * train_error:.1f}%",
-                     "img_s": f"{images_per_second:.0f}"}
-            window.zero_()
-            batches_in_window = 0
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-        if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
-            check_finite_weights(run.network, done, out)
-            save_state(run, done, run.elapsed + time.perf_counter() - session_start)
-        bar.update(done, **shown)
+            done = iteration + 1
+            evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
+            if done % config.log_every == 0 or evaluate_now:
+                means = distributed.mean_over_processes(window, context) / batches_in_window
+                train_loss, train_error = means.tolist()
+                if not math.isfinite(train_loss):
+                    raise NonFiniteLossError(f"the training loss became {train_loss} by iteration {done} (lr {lr:g}); "
+                                             f"stopped. {last_good_state(out)}")
+                images_per_second = batches_in_window * recipe.batch_size / (time.perf_counter() - window_start)
+                record = {"iteration": done, "lr": lr, "train_loss": train_loss, "train_error": train_error,
+                          "images_per_second": images_per_second}
+                if evaluate_now:  # every process's schedule sees rank 0's errors
+                    record.update(distributed.on_main(context, lambda: held_out_errors(run, show=progress)))
+                    run.schedule.observe_validation_error(record.get("val_error", record["train_error"]))
+                if run.metrics:
+                    run.metrics.write(record)
+                shown = {"loss": f"{train_loss:.3f}", "err": f"{100 * train_error:.1f}%",
+                         "img_s": f"{images_per_second:.0f}"}
+                window.zero_()
+                batches_in_window = 0
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            stopping = stop.signal_number is not None and done < recipe.iterations
+            if (done == recipe.iterations or stopping
+                    or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                check_finite_weights(run.network, done, out)
+                save_state(run, done, run.elapsed + time.perf_counter() - session_start)
+            bar.update(done, **shown)
+            if stopping:
+                break
     bar.close()
     if run.metrics:
         run.metrics.close()
+    if stopping:
+        raise stop.stopped(done, recipe.iterations, out, "resnetlab train --resume")
     summary = distributed.on_main(context, lambda: finish(run, run.elapsed + time.perf_counter() - session_start,
                                                           show=progress))
     distributed.teardown(context)

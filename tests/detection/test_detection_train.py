@@ -5,6 +5,7 @@ images finds their objects again (trained and evaluated on the same images: a ch
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from test_export import with_trained_looking_bn
 
 from resnetlab.checkpoint import load_checkpoint, save_checkpoint
 from resnetlab.cli import main
+from resnetlab.errors import RunStopped
+from resnetlab.schedule import LrSchedule
 
 # A tiny detector: ResNet-18 trunk, images 128 pixels on the shorter side, 2 images per iteration.
 TINY = {"recipe": "small", "model": "resnet18", "train_split": "train2017", "eval_split": "train2017",
@@ -112,17 +115,18 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(three_image
     whole = detection_train.train_detector(resolve_detection_config(**settings, out=tmp_path / "whole"),
                                            progress=False)
     assert whole["iterations"] == 4
-    save = detection_train.save_detection_state
+    lr = LrSchedule.lr
 
-    def save_then_stop(run, iteration, elapsed):
-        save(run, iteration, elapsed)
-        raise KeyboardInterrupt  # the run stops right after its first checkpoint
+    def lr_then_ctrl_c(schedule, at):
+        if at == 0:  # Ctrl-C during the first iteration, which no periodic checkpoint follows
+            signal.raise_signal(signal.SIGINT)
+        return lr(schedule, at)
 
-    monkeypatch.setattr(detection_train, "save_detection_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(LrSchedule, "lr", lr_then_ctrl_c)
+    with pytest.raises(RunStopped, match="stopped by SIGINT after iteration 1 of 4"):
         detection_train.train_detector(resolve_detection_config(**settings, out=tmp_path / "split"), progress=False)
-    monkeypatch.setattr(detection_train, "save_detection_state", save)
-    assert load_checkpoint(tmp_path / "split")["iteration"] == 2
+    monkeypatch.setattr(LrSchedule, "lr", lr)
+    assert load_checkpoint(tmp_path / "split")["iteration"] == 1
     detection_train.train_detector(detection_train.resume_detection_config(tmp_path / "split"), resume=True,
                                    progress=False)
     first, second = load_checkpoint(tmp_path / "whole")["model"], load_checkpoint(tmp_path / "split")["model"]

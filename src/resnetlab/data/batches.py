@@ -9,6 +9,7 @@ number of processes.
 from __future__ import annotations
 
 import copy
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -90,6 +91,7 @@ def folder_batches(data: torch.utils.data.Dataset, *, batch_size: int, seed: int
     sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
     loader = torch.utils.data.DataLoader(
         augmented, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
+        worker_init_fn=ignore_ctrl_c,
         generator=torch.Generator().manual_seed(seed * _AUGMENT_STREAM + start), timeout=300 if workers else 0)
     yield from loader
 
@@ -109,4 +111,11 @@ def folder_evaluation_batches(data: torch.utils.data.Dataset, batch_size: int, w
     viewed = copy.copy(data)
     viewed.transform = transform
     yield from torch.utils.data.DataLoader(viewed, batch_size=batch_size, num_workers=workers,
-                                           timeout=300 if workers else 0)
+                                           worker_init_fn=ignore_ctrl_c, timeout=300 if workers else 0)
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: a worker that died of it would fail the batch the
+    training loop is waiting for, before the loop can save its state and stop (runlog.StopOnSignal). The workers
+    end with their loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

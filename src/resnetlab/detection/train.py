@@ -32,7 +32,14 @@ from resnetlab.detection.recipes import DetectionConfig, validate_detection
 from resnetlab.files import write_json_atomically
 from resnetlab.precision import pick_device
 from resnetlab.progress import Progress
-from resnetlab.runlog import MetricsLog, NonFiniteLossError, check_finite_weights, ensure_writable, last_good_state
+from resnetlab.runlog import (
+    MetricsLog,
+    NonFiniteLossError,
+    StopOnSignal,
+    check_finite_weights,
+    ensure_writable,
+    last_good_state,
+)
 from resnetlab.schedule import LrSchedule
 
 # The recipe fields that shape the network (the rest only shape training); stored so evaluate/predict rebuild it.
@@ -76,44 +83,52 @@ def train_detector(config: DetectionConfig, *, resume: bool = False, progress: b
     if config.eval_every and run.start == 0:  # where the curve starts: an untrained detector's metrics
         metrics.write({"iteration": 0, **evaluation_record(run)})
     window_start = time.perf_counter()
+    stopping = False  # a signal asked the run to stop (StopOnSignal) before its last iteration
     run.model.train()
     batches = training_batches(run.data.train, batch_size=recipe.images_per_batch, seed=config.seed,
                                start=run.start, stop=recipe.iterations, flip=recipe.flip, workers=config.workers)
-    for iteration, (images, targets) in enumerate(batches, start=run.start):
-        lr = run.schedule.lr(iteration)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        losses = run.model([image.to(run.device).float().div_(255) for image in images],
-                           [{key: value.to(run.device) for key, value in target.items()} for target in targets])
-        loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"the training loss became {loss.item()} at iteration {iteration + 1} "
-                                     f"(lr {lr:g}); stopped. {last_good_state(out)}")
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        for name, value in {"loss": loss, **losses}.items():
-            window[name] = window.get(name, 0.0) + value.item()
-        batches_in_window += 1
+    with StopOnSignal() as stop:
+        for iteration, (images, targets) in enumerate(batches, start=run.start):
+            lr = run.schedule.lr(iteration)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            losses = run.model([image.to(run.device).float().div_(255) for image in images],
+                               [{key: value.to(run.device) for key, value in target.items()} for target in targets])
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(f"the training loss became {loss.item()} at iteration {iteration + 1} "
+                                         f"(lr {lr:g}); stopped. {last_good_state(out)}")
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            for name, value in {"loss": loss, **losses}.items():
+                window[name] = window.get(name, 0.0) + value.item()
+            batches_in_window += 1
 
-        done = iteration + 1
-        evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
-        if done % config.log_every == 0 or evaluate_now:
-            seconds = time.perf_counter() - window_start
-            record = {"iteration": done, "lr": lr,
-                      **{name: total / batches_in_window for name, total in window.items()},
-                      "images_per_second": batches_in_window * recipe.images_per_batch / seconds}
-            if evaluate_now:
-                record.update(evaluation_record(run))
-                run.model.train()
-            metrics.write(record)
-            window, batches_in_window = {}, 0
-            window_start = time.perf_counter()
-        if done == recipe.iterations or (config.checkpoint_every and done % config.checkpoint_every == 0):
-            check_finite_weights(run.model, done, out)
-            save_detection_state(run, done, run.elapsed + time.perf_counter() - session_start)
-        bar.update(done, loss=f"{loss.item():.3f}")
+            done = iteration + 1
+            evaluate_now = done == recipe.iterations or (config.eval_every and done % config.eval_every == 0)
+            if done % config.log_every == 0 or evaluate_now:
+                seconds = time.perf_counter() - window_start
+                record = {"iteration": done, "lr": lr,
+                          **{name: total / batches_in_window for name, total in window.items()},
+                          "images_per_second": batches_in_window * recipe.images_per_batch / seconds}
+                if evaluate_now:
+                    record.update(evaluation_record(run))
+                    run.model.train()
+                metrics.write(record)
+                window, batches_in_window = {}, 0
+                window_start = time.perf_counter()
+            stopping = stop.signal_number is not None and done < recipe.iterations
+            if (done == recipe.iterations or stopping
+                    or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                check_finite_weights(run.model, done, out)
+                save_detection_state(run, done, run.elapsed + time.perf_counter() - session_start)
+            bar.update(done, loss=f"{loss.item():.3f}")
+            if stopping:
+                break
     bar.close()
+    if stopping:
+        raise stop.stopped(done, recipe.iterations, out, "resnetlab detect train --resume")
     return finish(run, run.elapsed + time.perf_counter() - session_start)
 
 

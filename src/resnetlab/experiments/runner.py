@@ -23,6 +23,7 @@ import torch
 
 from resnetlab.checkpoint import checkpoint_path
 from resnetlab.data.spec import DatasetSpec
+from resnetlab.errors import RunStopped
 from resnetlab.factory import load_model
 from resnetlab.files import write_json_atomically
 from resnetlab.inference import evaluate_checkpoints
@@ -142,7 +143,11 @@ def train_arms(preset: Preset, arms: list[Arm], runs_dir: Path, *, progress: boo
     if parallel == 1 or len(to_train) <= 1:
         for name, key, config, resume in to_train:
             log(start_line(name, preset, config, resume))
-            summaries[key] = train(config, resume=resume, progress=progress)
+            try:
+                summaries[key] = train(config, resume=resume, progress=progress)
+            except RunStopped as stopped:  # Ctrl-C: the run saved where it was, and so did every run before it
+                raise RunStopped(f"{stopped}; the same command again continues the whole experiment",
+                                 stopped.signal_number) from None
             log(f"    {result_line(summaries[key])}")
     else:
         summaries.update(train_in_processes(to_train, preset, parallel, log))
