@@ -4,7 +4,7 @@ broken on purpose, and reading back what a run wrote.
 Run as a script, this file is the `resnetlab` command with test hooks installed first:
 
     python tests/run_helpers.py [--stall-at-iteration I MARKER] [--stall-checkpoint N MARKER] [--kill-loader-worker] \
-        [--signal-at-iteration I SIGNAL [--signal-times N]] -- train --model ... --out OUT
+        [--signal-at-iteration I SIGNAL [--signal-times N]] [--ctrl-c-from-loader-worker MARKER] -- train ...
 
 The hooks change timing or break things the way real faults do; none of them changes what is computed.
 """
@@ -52,8 +52,10 @@ def launch(args: list[str], *hooks: str) -> subprocess.Popen:
 
 
 def run_to_end(args: list[str], *hooks: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `resnetlab ARGS` to its end in a child process, in a process group of its own: a signal a hook sends to
+    its group, as a terminal's Ctrl-C reaches every process of one, reaches nothing else."""
     return subprocess.run([sys.executable, str(THIS_FILE), *hooks, "--", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, start_new_session=True)
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 60, what: str = "the condition") -> None:
@@ -203,6 +205,26 @@ def kill_loader_workers() -> None:
     ScaleAugment.__call__ = die_in_worker
 
 
+def ctrl_c_from_a_loader_worker(marker: Path) -> None:
+    """The first training image a DataLoader worker decodes sends Ctrl-C's SIGINT to the whole process group, as a
+    terminal does, while the training loop waits for that image's batch; `marker` makes it once."""
+    from resnetlab.data.augment import ScaleAugment
+
+    augment = ScaleAugment.__call__
+
+    def ctrl_c_then_augment(self, image):
+        if torch.utils.data.get_worker_info() is not None:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.killpg(os.getpgrp(), signal.SIGINT)
+        return augment(self, image)
+
+    ScaleAugment.__call__ = ctrl_c_then_augment
+
+
 def signal_at_iteration(iteration: int, name: str, times: int) -> None:
     """As the run starts `iteration` (0-based), the process gets the signal `name` (SIGINT is Ctrl-C) `times`
     times, as from a terminal or `kill`: a signal that lands mid-iteration, on a machine of any speed."""
@@ -227,6 +249,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kill-loader-worker", action="store_true")
     parser.add_argument("--signal-at-iteration", nargs=2, metavar=("I", "SIGNAL"))
     parser.add_argument("--signal-times", type=int, default=1)
+    parser.add_argument("--ctrl-c-from-loader-worker", metavar="MARKER")
     hooks = parser.parse_args(argv[:split])
     if hooks.stall_at_iteration:
         stall_at_iteration(int(hooks.stall_at_iteration[0]), Path(hooks.stall_at_iteration[1]))
@@ -236,6 +259,8 @@ def main(argv: list[str]) -> int:
         kill_loader_workers()
     if hooks.signal_at_iteration:
         signal_at_iteration(int(hooks.signal_at_iteration[0]), hooks.signal_at_iteration[1], hooks.signal_times)
+    if hooks.ctrl_c_from_loader_worker:
+        ctrl_c_from_a_loader_worker(Path(hooks.ctrl_c_from_loader_worker))
     from resnetlab.cli import main as resnetlab
 
     return resnetlab(argv[split + 1:])

@@ -115,7 +115,7 @@ def folder_evaluation_batches(data: torch.utils.data.Dataset, batch_size: int, w
 
 
 def ignore_ctrl_c(worker_id: int) -> None:
-    """Ctrl-C reaches every process of the terminal's group: a worker that died of it would fail the batch the
-    training loop is waiting for, before the loop can save its state and stop (runlog.StopOnSignal). The workers
-    end with their loader."""
+    """Ctrl-C reaches every process of the terminal's group, and the training loop alone answers it (it saves and
+    stops, runlog.StopOnSignal): a forked worker would run the loop's handler too and say so again, and a spawned
+    one would die of it, failing the batch the loop waits for. The workers end with their loader."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
