@@ -251,6 +251,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--signal-times", type=int, default=1)
     parser.add_argument("--ctrl-c-from-loader-worker", metavar="MARKER")
     hooks = parser.parse_args(argv[:split])
+    # The run starts as from a terminal, whatever started pytest: a script's `pytest &` starts it with SIGINT ignored,
+    # which the run would keep ignoring (runlog.StopOnSignal).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if hooks.stall_at_iteration:
         stall_at_iteration(int(hooks.stall_at_iteration[0]), Path(hooks.stall_at_iteration[1]))
     if hooks.stall_checkpoint:

@@ -104,11 +104,30 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_periodic_checkpoint(tm
 
 
 def test_the_signal_handlers_are_the_callers_again_once_a_run_stops():
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with StopOnSignal() as stop:
-        signal.raise_signal(signal.SIGINT)  # without the handler, this test would end pytest itself
-        assert stop.signal_number == signal.SIGINT
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    # As from a terminal, whatever started pytest (a script's `pytest &` starts it with SIGINT ignored).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
+    try:
+        with StopOnSignal() as stop:
+            signal.raise_signal(signal.SIGINT)  # without the handler, this test would end pytest itself
+            assert stop.signal_number == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+
+
+def test_a_run_started_ignoring_ctrl_c_leaves_it_ignored_and_still_stops_on_sigterm():
+    # `nohup resnetlab train ... &` in a script: a Ctrl-C meant for the script must not stop the run.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnSignal() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.signal_number is None
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop.request_stop
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(uninterrupted, tmp_path):

@@ -37,7 +37,9 @@ class StopOnSignal:
     (`stopped`). A second signal acts as it would without this, so a second Ctrl-C stops at once.
 
     Only where Python can take signals (the main thread) and in single-process runs: the processes of a distributed
-    run would each stop at another iteration and wait forever for each other at the checkpoint."""
+    run would each stop at another iteration and wait forever for each other at the checkpoint. A signal the process
+    was started to ignore stays ignored, as Python itself leaves it: `nohup resnetlab train ... &` in a script starts
+    the run with SIGINT ignored, so that a Ctrl-C meant for the script does not reach it."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,7 +52,7 @@ class StopOnSignal:
         if self.enabled:
             # None: a handler not installed from Python, which cannot be put back; the default is the nearest.
             self.previous = {number: signal.signal(number, self.request_stop) or signal.SIG_DFL
-                             for number in self.SIGNALS}
+                             for number in self.SIGNALS if signal.getsignal(number) != signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc_info) -> None:
