@@ -134,6 +134,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise stop.stopped(done, recipe.iterations, out, "resnetlab train --resume")
     summary = distributed.on_main(context, lambda: finish(run, run.elapsed + time.perf_counter() - session_start,
                                                           show=progress))
+    forward = run = None  # DistributedDataParallel holds the process group: teardown frees both (see there)
     distributed.teardown(context)
     return summary
 
