@@ -8,6 +8,7 @@ there (COCO128 not found, say) fails."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"needs real data from {SHARED}, which is absent here")
     return SHARED / "data"
+
+
+@pytest.fixture
+def ctrl_c_as_from_a_terminal():
+    """SIGINT at Python's default for the test, whatever started pytest: a script's `pytest &` starts it with SIGINT
+    ignored, which a training run keeps ignoring (runlog.StopOnSignal)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -132,7 +132,8 @@ def test_every_run_is_checked_before_any_trains(tmp_path, degradation, runs_dir)
     assert sorted(path.name for path in runs.iterdir()) == ["resnet20-s0"]
 
 
-def test_ctrl_c_stops_an_experiment_with_its_run_saved_and_the_same_command_continues_it(tmp_path, monkeypatch):
+def test_ctrl_c_stops_an_experiment_with_its_run_saved_and_the_same_command_continues_it(tmp_path, monkeypatch,
+                                                                                         ctrl_c_as_from_a_terminal):
     lr = LrSchedule.lr
 
     def lr_then_ctrl_c(schedule, at):

@@ -103,17 +103,12 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_periodic_checkpoint(tm
     assert load_checkpoint(out)["iteration"] == 10 and last_logged_iteration(out) == 15
 
 
-def test_the_signal_handlers_are_the_callers_again_once_a_run_stops():
-    # As from a terminal, whatever started pytest (a script's `pytest &` starts it with SIGINT ignored).
-    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
-    try:
-        with StopOnSignal() as stop:
-            signal.raise_signal(signal.SIGINT)  # without the handler, this test would end pytest itself
-            assert stop.signal_number == signal.SIGINT
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        assert signal.getsignal(signal.SIGTERM) == before[1]
-    finally:
-        signal.signal(signal.SIGINT, before[0])
+def test_the_signal_handlers_are_the_callers_again_once_a_run_stops(ctrl_c_as_from_a_terminal):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        signal.raise_signal(signal.SIGINT)  # without the handler, this test would end pytest itself
+        assert stop.signal_number == signal.SIGINT
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_a_run_started_ignoring_ctrl_c_leaves_it_ignored_and_still_stops_on_sigterm():

@@ -107,7 +107,8 @@ def test_a_detection_is_drawn_as_its_box_and_label_and_nothing_else(tmp_path):
 
 @needs_extra
 @needs_coco128
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(three_images, tmp_path, monkeypatch):
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(three_images, tmp_path, monkeypatch,
+                                                                    ctrl_c_as_from_a_terminal):
     import resnetlab.detection.train as detection_train
     from resnetlab.detection.recipes import resolve_detection_config
 
