@@ -2,6 +2,7 @@
 names and what they resolve to."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -126,6 +127,21 @@ def test_inference_auto_is_bf16_only_on_a_cpu_with_amx(tmp_path, monkeypatch, fl
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
     assert resolve_precision("auto", torch.device("cpu"), training=False) == expected
     assert resolve_precision("auto", torch.device("cuda"), training=False) == "fp32"  # unmeasured there: exact
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_allowed_with_a_warning_that_it_is_emulated(monkeypatch, training):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"this CPU has no native bf16 \(AVX512-BF16 or AMX\), so it is emulated: "
+                                            r"expect it far slower than fp32 \(ResNet-20 training: .*benchmarks.md"):
+        assert resolve_precision("bf16", cpu, training=training) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native bf16, and fp32 anywhere: nothing to say
+        assert resolve_precision("bf16", cpu, training=training) == "bf16"
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+        assert resolve_precision("fp32", cpu, training=training) == "fp32"
 
 
 def test_inference_takes_bf16_and_fp32_as_they_are():

@@ -8,6 +8,7 @@ TrainConfig.precision (stored as that string in checkpoints and summary.json), `
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,8 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")  # training's choices, its 
 # Inference may also ask for "auto", predict's default: bf16 where it is measured faster than fp32, else fp32.
 INFERENCE_PRECISIONS = ("auto", "bf16", "fp32", "int8")
 EXPORT_PRECISIONS = ("fp32", "int8")  # what `resnetlab export` writes: the fp32 network, or its int8 form
+# Measured (docs/benchmarks.md, section 1: benchmarks/emulated_bf16.py); the warning quotes it.
+EMULATED_BF16_SLOWDOWN = "ResNet-20 training: 13x slower on an AVX2-only AMD EPYC"
 CPUINFO = Path("/proc/cpuinfo")  # the CPU's feature flags (Linux); `bf16_is_faster` looks for AMX there
 
 
@@ -46,6 +49,11 @@ def resolve_precision(name: str, device: torch.device, *, training: bool) -> Pre
         raise ValueError(f"--precision int8 runs on the CPU (ONNX Runtime), not on {device}: use --device cpu")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16 needs a GPU with bf16 (Ampere or newer); {device} has none: use fp32")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        # Allowed (the numbers are bf16's everywhere), but a user should not wait hours to learn it was emulated.
+        warnings.warn("bf16 was asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX), so it is emulated: "
+                      f"expect it far slower than fp32 ({EMULATED_BF16_SLOWDOWN}, docs/benchmarks.md)",
+                      RuntimeWarning, stacklevel=2)
     return name
 
 
