@@ -4,7 +4,8 @@ broken on purpose, and reading back what a run wrote.
 Run as a script, this file is the `resnetlab` command with test hooks installed first:
 
     python tests/run_helpers.py [--stall-at-iteration I MARKER] [--stall-checkpoint N MARKER] [--kill-loader-worker] \
-        [--signal-at-iteration I SIGNAL [--signal-times N]] [--ctrl-c-from-loader-worker MARKER] -- train ...
+        [--signal-at-iteration I SIGNAL [--signal-times N]] [--signal-group-from-loader-worker SIGNAL MARKER] \
+        -- train ...
 
 The hooks change timing or break things the way real faults do; none of them changes what is computed.
 """
@@ -205,24 +206,25 @@ def kill_loader_workers() -> None:
     ScaleAugment.__call__ = die_in_worker
 
 
-def ctrl_c_from_a_loader_worker(marker: Path) -> None:
-    """The first training image a DataLoader worker decodes sends Ctrl-C's SIGINT to the whole process group, as a
-    terminal does, while the training loop waits for that image's batch; `marker` makes it once."""
+def signal_group_from_a_loader_worker(name: str, marker: Path) -> None:
+    """The first training image a DataLoader worker decodes sends the signal `name` to the whole process group, as a
+    terminal's Ctrl-C (SIGINT) or a batch scheduler stopping a job (SIGTERM) does, while the training loop waits for
+    that image's batch; `marker` makes it once."""
     from resnetlab.data.augment import ScaleAugment
 
     augment = ScaleAugment.__call__
 
-    def ctrl_c_then_augment(self, image):
+    def signal_then_augment(self, image):
         if torch.utils.data.get_worker_info() is not None:
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 pass
             else:
-                os.killpg(os.getpgrp(), signal.SIGINT)
+                os.killpg(os.getpgrp(), getattr(signal, name))
         return augment(self, image)
 
-    ScaleAugment.__call__ = ctrl_c_then_augment
+    ScaleAugment.__call__ = signal_then_augment
 
 
 def signal_at_iteration(iteration: int, name: str, times: int) -> None:
@@ -249,7 +251,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kill-loader-worker", action="store_true")
     parser.add_argument("--signal-at-iteration", nargs=2, metavar=("I", "SIGNAL"))
     parser.add_argument("--signal-times", type=int, default=1)
-    parser.add_argument("--ctrl-c-from-loader-worker", metavar="MARKER")
+    parser.add_argument("--signal-group-from-loader-worker", nargs=2, metavar=("SIGNAL", "MARKER"))
     hooks = parser.parse_args(argv[:split])
     # The run starts as from a terminal, whatever started pytest: a script's `pytest &` starts it with SIGINT ignored,
     # which the run would keep ignoring (runlog.StopOnSignal).
@@ -262,8 +264,9 @@ def main(argv: list[str]) -> int:
         kill_loader_workers()
     if hooks.signal_at_iteration:
         signal_at_iteration(int(hooks.signal_at_iteration[0]), hooks.signal_at_iteration[1], hooks.signal_times)
-    if hooks.ctrl_c_from_loader_worker:
-        ctrl_c_from_a_loader_worker(Path(hooks.ctrl_c_from_loader_worker))
+    if hooks.signal_group_from_loader_worker:
+        name, marker = hooks.signal_group_from_loader_worker
+        signal_group_from_a_loader_worker(name, Path(marker))
     from resnetlab.cli import main as resnetlab
 
     return resnetlab(argv[split + 1:])

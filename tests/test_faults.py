@@ -242,18 +242,20 @@ def test_a_dying_data_loader_worker_stops_the_run_with_a_message(tmp_path):
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
-def test_ctrl_c_while_the_loop_waits_for_loader_workers_still_saves_and_stops(tmp_path):
-    # A terminal's Ctrl-C reaches the workers too: they go on decoding the batch the loop is waiting for, and leave
-    # the answer to the loop (a forked worker has the loop's handler, and would say it stops as well).
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_group_while_the_loop_waits_for_loader_workers_still_saves_and_stops(tmp_path, name):
+    # A terminal's Ctrl-C reaches the workers too, and so does the SIGTERM of a batch scheduler stopping a job or of
+    # `pkill -f`: they go on decoding the batch the loop is waiting for, and leave the answer to the loop (a forked
+    # worker has the loop's handler, and would say it stops as well; torch's own SIGTERM handler would kill it).
     write_png_folder(tmp_path / "images")
     out = tmp_path / "out"
     args = cli_args(out, data=f"folder:{tmp_path / 'images'}", iterations=3, batch_size=4, workers=1)
-    stopped = run_to_end(args, "--ctrl-c-from-loader-worker", str(tmp_path / "sent"), timeout=120)
-    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr
-    assert stopped.stderr.strip().splitlines()[-1].startswith("resnetlab train: stopped by SIGINT after iteration 1 "
+    stopped = run_to_end(args, "--signal-group-from-loader-worker", name, str(tmp_path / "sent"), timeout=120)
+    assert stopped.returncode == 128 + getattr(signal, name), stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith(f"resnetlab train: stopped by {name} after iteration 1 "
                                                              "of 3; "), stopped.stderr
     assert load_checkpoint(out)["iteration"] == 1
-    assert stopped.stderr.count("SIGINT: stopping after this iteration") == 1, stopped.stderr
+    assert stopped.stderr.count(f"{name}: stopping after this iteration") == 1, stopped.stderr
 
 
 def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(tmp_path, monkeypatch, capsys):

@@ -91,7 +91,7 @@ def folder_batches(data: torch.utils.data.Dataset, *, batch_size: int, seed: int
     sampler = _IterationSampler(IndexStream(len(data), batch_size, seed), start, stop, rank, world_size)
     loader = torch.utils.data.DataLoader(
         augmented, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
-        worker_init_fn=ignore_ctrl_c,
+        worker_init_fn=leave_stop_signals_to_the_loop,
         generator=torch.Generator().manual_seed(seed * _AUGMENT_STREAM + start), timeout=300 if workers else 0)
     yield from loader
 
@@ -111,11 +111,14 @@ def folder_evaluation_batches(data: torch.utils.data.Dataset, batch_size: int, w
     viewed = copy.copy(data)
     viewed.transform = transform
     yield from torch.utils.data.DataLoader(viewed, batch_size=batch_size, num_workers=workers,
-                                           worker_init_fn=ignore_ctrl_c, timeout=300 if workers else 0)
+                                           worker_init_fn=leave_stop_signals_to_the_loop, timeout=300 if workers else 0)
 
 
-def ignore_ctrl_c(worker_id: int) -> None:
-    """Ctrl-C reaches every process of the terminal's group, and the training loop alone answers it (it saves and
-    stops, runlog.StopOnSignal): a forked worker would run the loop's handler too and say so again, and a spawned
-    one would die of it, failing the batch the loop waits for. The workers end with their loader."""
+def leave_stop_signals_to_the_loop(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group, and a batch scheduler stopping a job (or `pkill -f`)
+    sends SIGTERM to all of its processes; the training loop alone answers them (it saves and stops,
+    runlog.StopOnSignal). A forked worker would run the loop's handler too and say so again, a spawned one would die
+    of SIGINT, and torch's own SIGTERM handler kills a worker, failing the batch the loop waits for. The workers end
+    with their loader, or when its process is gone (torch's watchdog), SIGTERM or not."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

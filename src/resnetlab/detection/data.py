@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from resnetlab.data.batches import IndexStream, ignore_ctrl_c
+from resnetlab.data.batches import IndexStream, leave_stop_signals_to_the_loop
 from resnetlab.data.datasets import PILLOW_DECODE_ERRORS
 
 DETECTION_KINDS = ("coco", "voc")
@@ -359,7 +359,7 @@ def training_batches(split: DetectionSplit, *, batch_size: int, seed: int, start
     # has just restored, and every later random draw (the RPN's and RoI sampling) would shift by one.
     return torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=workers,
                                        collate_fn=images_and_targets, timeout=300 if workers else 0,
-                                       worker_init_fn=ignore_ctrl_c,
+                                       worker_init_fn=leave_stop_signals_to_the_loop,
                                        generator=torch.Generator().manual_seed(seed * _FLIP_STREAM + start))
 
 
